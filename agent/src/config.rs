@@ -1,0 +1,336 @@
+//! The agent's configuration: read once from a TOML file and flags into checked types.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use drover_protocol::job::Limits;
+use drover_protocol::keys::PublicKey;
+use drover_protocol::link::BrokerUrl;
+use drover_protocol::manifest::Capabilities;
+use serde::Deserialize;
+
+/// The configuration file, as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// The agent's id.
+    pub id: Option<String>,
+    /// `mqtt://host:port` or `mqtts://host:port`.
+    pub broker: Option<String>,
+    /// CA certificates (PEM) for `mqtts://`.
+    pub ca_file: Option<PathBuf>,
+    /// MQTT username; defaults to the id.
+    pub username: Option<String>,
+    /// MQTT password.
+    pub password: Option<String>,
+    /// A file holding the MQTT password.
+    pub password_file: Option<PathBuf>,
+    /// Where the agent keeps its caches and state.
+    pub data_dir: Option<PathBuf>,
+    /// MQTT keep-alive, seconds.
+    pub keep_alive_secs: Option<u64>,
+    /// Plugin fetch chunk size, bytes.
+    pub chunk_size: Option<u32>,
+    /// Largest plugin the agent downloads, bytes.
+    pub max_plugin_bytes: Option<u64>,
+    /// Jobs run at once.
+    pub max_concurrent_jobs: Option<usize>,
+    /// Jobs waiting to run; past this, new jobs are refused as busy.
+    pub job_queue: Option<usize>,
+    /// Tags announced to the server.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Keys the agent trusts.
+    #[serde(default)]
+    pub trust: TrustFile,
+    /// What plugins may be granted.
+    #[serde(default)]
+    pub policy: PolicyFile,
+    /// Upper bounds on job limits.
+    #[serde(default)]
+    pub limits: LimitsFile,
+}
+
+/// `[trust]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustFile {
+    /// Publisher public keys (hex): plugin manifests must be signed by one.
+    #[serde(default)]
+    pub publishers: Vec<String>,
+    /// Control-plane public keys (hex): job envelopes must be signed by one.
+    #[serde(default)]
+    pub control_plane: Vec<String>,
+}
+
+/// `[policy]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    /// Whether plugins may be granted `host-facts`.
+    #[serde(default)]
+    pub host_facts: bool,
+    /// Directories plugins may be granted read-only access to (and anything below them).
+    #[serde(default)]
+    pub read_paths: Vec<PathBuf>,
+}
+
+/// `[limits]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    /// Longest deadline, seconds.
+    pub timeout_secs: Option<u64>,
+    /// Largest plugin memory, MiB.
+    pub memory_mib: Option<u64>,
+    /// Largest output per stream, KiB.
+    pub output_kib: Option<u64>,
+}
+
+/// What the agent's local policy allows a plugin.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// `host-facts` may be granted.
+    pub host_facts: bool,
+    /// Read-only paths that may be granted, normalised and absolute.
+    pub read_paths: Vec<PathBuf>,
+}
+
+impl Policy {
+    /// Grants what `asked` asks for if all of it is allowed; otherwise lists what is not.
+    pub fn grant(&self, asked: &Capabilities) -> Result<Capabilities, Vec<String>> {
+        let mut missing = Vec::new();
+        if asked.host_facts && !self.host_facts {
+            missing.push("host-facts".to_string());
+        }
+        for p in &asked.read_paths {
+            let path = Path::new(p);
+            let allowed = is_normal_absolute(path)
+                && self.read_paths.iter().any(|root| path.starts_with(root));
+            if !allowed {
+                missing.push(format!("read:{p}"));
+            }
+        }
+        if missing.is_empty() {
+            Ok(asked.clone())
+        } else {
+            Err(missing)
+        }
+    }
+}
+
+fn is_normal_absolute(p: &Path) -> bool {
+    p.is_absolute()
+        && p.components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+}
+
+/// The checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The agent's id.
+    pub id: String,
+    /// The broker.
+    pub broker: BrokerUrl,
+    /// CA file for TLS.
+    pub ca_file: Option<PathBuf>,
+    /// MQTT username.
+    pub username: String,
+    /// MQTT password.
+    pub password: Option<String>,
+    /// State and caches.
+    pub data_dir: PathBuf,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+    /// Fetch chunk size.
+    pub chunk_size: u32,
+    /// Largest plugin.
+    pub max_plugin_bytes: u64,
+    /// Jobs at once.
+    pub max_concurrent_jobs: usize,
+    /// Jobs waiting.
+    pub job_queue: usize,
+    /// Tags.
+    pub tags: BTreeMap<String, String>,
+    /// Trusted publisher keys.
+    pub publishers: Vec<PublicKey>,
+    /// Trusted control-plane keys.
+    pub control_plane: Vec<PublicKey>,
+    /// Local policy.
+    pub policy: Policy,
+    /// Upper bounds on job limits.
+    pub max_limits: Limits,
+}
+
+/// Flags that override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--id`.
+    pub id: Option<String>,
+    /// `--broker`.
+    pub broker: Option<String>,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--password-file`.
+    pub password_file: Option<PathBuf>,
+    /// `--tag k=v`.
+    pub tags: Vec<(String, String)>,
+}
+
+impl Config {
+    /// Reads the file (if any), applies the overrides, and checks everything.
+    pub fn load(path: Option<&Path>, o: Overrides) -> anyhow::Result<Config> {
+        let file: ConfigFile = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading config {}", p.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing config {}", p.display()))?
+            }
+            None => ConfigFile::default(),
+        };
+        Config::from_file(file, o)
+    }
+
+    /// Checks a parsed file with overrides applied.
+    pub fn from_file(file: ConfigFile, o: Overrides) -> anyhow::Result<Config> {
+        let id =
+            o.id.or(file.id)
+                .context("no agent id: set `id` in the config file or pass --id")?;
+        if !drover_protocol::topics::is_valid_agent_id(&id) {
+            bail!("agent id {id:?} is invalid: use 1-64 characters of A-Z a-z 0-9 . _ -");
+        }
+        let broker: BrokerUrl = o
+            .broker
+            .or(file.broker)
+            .unwrap_or_else(|| "mqtt://127.0.0.1:1883".into())
+            .parse()
+            .map_err(anyhow::Error::msg)?;
+        let password = match o.password_file.or(file.password_file) {
+            Some(p) => Some(
+                std::fs::read_to_string(&p)
+                    .with_context(|| format!("reading password file {}", p.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => file.password,
+        };
+        let parse_keys = |keys: &[String], what: &str| -> anyhow::Result<Vec<PublicKey>> {
+            keys.iter()
+                .map(|k| PublicKey::from_hex(k).with_context(|| format!("bad {what} key {k:?}")))
+                .collect()
+        };
+        let publishers = parse_keys(&file.trust.publishers, "trust.publishers")?;
+        let control_plane = parse_keys(&file.trust.control_plane, "trust.control_plane")?;
+        if control_plane.is_empty() {
+            bail!("no trust.control_plane key configured: the agent would accept no job");
+        }
+        if publishers.is_empty() {
+            bail!("no trust.publishers key configured: the agent would accept no plugin");
+        }
+        for p in &file.policy.read_paths {
+            if !is_normal_absolute(p) {
+                bail!(
+                    "policy.read_paths entry {} must be absolute, without '.' or '..'",
+                    p.display()
+                );
+            }
+        }
+        let mut tags = file.tags;
+        tags.extend(o.tags);
+        let chunk_size = file
+            .chunk_size
+            .unwrap_or(drover_protocol::chunk::DEFAULT_CHUNK_SIZE);
+        if !(drover_protocol::chunk::MIN_CHUNK_SIZE..=drover_protocol::chunk::MAX_CHUNK_SIZE)
+            .contains(&chunk_size)
+        {
+            bail!("chunk_size {chunk_size} is outside 1 KiB..1 MiB");
+        }
+        let default = Limits::default();
+        Ok(Config {
+            username: file.username.unwrap_or_else(|| id.clone()),
+            id,
+            broker,
+            ca_file: file.ca_file,
+            password,
+            data_dir: o
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("/var/lib/drover-agent")),
+            keep_alive: Duration::from_secs(file.keep_alive_secs.unwrap_or(15).max(5)),
+            chunk_size,
+            max_plugin_bytes: file.max_plugin_bytes.unwrap_or(64 << 20),
+            max_concurrent_jobs: file.max_concurrent_jobs.unwrap_or(4).max(1),
+            job_queue: file.job_queue.unwrap_or(64).max(1),
+            tags,
+            publishers,
+            control_plane,
+            policy: Policy {
+                host_facts: file.policy.host_facts,
+                read_paths: file.policy.read_paths,
+            },
+            max_limits: Limits {
+                timeout_ms: file
+                    .limits
+                    .timeout_secs
+                    .map(|s| s * 1000)
+                    .unwrap_or(10 * default.timeout_ms),
+                memory_bytes: file
+                    .limits
+                    .memory_mib
+                    .map(|m| m << 20)
+                    .unwrap_or(2 * default.memory_bytes),
+                output_bytes: file
+                    .limits
+                    .output_kib
+                    .map(|k| k << 10)
+                    .unwrap_or(default.output_bytes),
+            },
+        })
+    }
+
+    /// The job's limits, clamped to this agent's maxima.
+    pub fn clamp(&self, asked: Limits) -> Limits {
+        Limits {
+            timeout_ms: asked.timeout_ms.min(self.max_limits.timeout_ms).max(1),
+            memory_bytes: asked.memory_bytes.min(self.max_limits.memory_bytes),
+            output_bytes: asked.output_bytes.min(self.max_limits.output_bytes),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_grants_only_what_is_allowed_and_names_the_rest() {
+        let policy = Policy {
+            host_facts: false,
+            read_paths: vec![PathBuf::from("/var/lib/dpkg")],
+        };
+        let ok = Capabilities {
+            host_facts: false,
+            read_paths: vec!["/var/lib/dpkg".into(), "/var/lib/dpkg/info".into()],
+        };
+        assert_eq!(policy.grant(&ok).unwrap(), ok);
+        let bad = Capabilities {
+            host_facts: true,
+            read_paths: vec![
+                "/etc".into(),
+                "/var/lib/dpkg/../../../etc".into(),
+                "/var/lib/dpkgx".into(),
+            ],
+        };
+        assert_eq!(
+            policy.grant(&bad).unwrap_err(),
+            vec![
+                "host-facts",
+                "read:/etc",
+                "read:/var/lib/dpkg/../../../etc",
+                "read:/var/lib/dpkgx"
+            ]
+        );
+    }
+}

@@ -1,0 +1,104 @@
+//! `drover-agent`: parse flags, start logging, run the agent until a signal.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use drover_agent::config::{Config, Overrides};
+use tokio_util::sync::CancellationToken;
+
+/// The Drover agent: runs signed WebAssembly plugins received over MQTT.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The configuration file (TOML).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The agent's id (overrides the file).
+    #[arg(long)]
+    id: Option<String>,
+    /// The broker, mqtt://HOST:PORT or mqtts://HOST:PORT (overrides the file).
+    #[arg(long)]
+    broker: Option<String>,
+    /// Where the agent keeps its caches and state (overrides the file).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// A file holding the MQTT password (overrides the file).
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+    /// A tag KEY=VALUE to announce; repeatable; added to the file's tags.
+    #[arg(long = "tag", value_parser = parse_tag)]
+    tags: Vec<(String, String)>,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn parse_tag(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("tag {s:?} must be KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("tag {s:?} has an empty key"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if args.log_format == "json" {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    let config = Config::load(
+        args.config.as_deref(),
+        Overrides {
+            id: args.id,
+            broker: args.broker,
+            data_dir: args.data_dir,
+            password_file: args.password_file,
+            tags: args.tags,
+        },
+    )?;
+    // Two worker threads: the agent is small; plugins compile on the blocking pool.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            s.cancel();
+        });
+        drover_agent::run(config, shutdown).await
+    })
+    .map_err(|e| {
+        tracing::error!("{e:#}");
+        e
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,587 @@
+//! The sandbox: one wasmtime `Engine`, compiled components cached on disk, and a fresh
+//! `Store` with limits for every run.
+//!
+//! Deadlines: an epoch ticker thread bumps the engine's epoch every [`TICK`]; each store
+//! yields to tokio at every tick, and the call runs under `tokio::time::timeout`. Guest code
+//! in a loop yields at the next tick; a guest blocked in a WASI call (sleep, poll) is an
+//! async host future that the timeout simply drops. Either way the deadline holds.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use drover_protocol::job::{Captured, Failure, FailureKind, Limits};
+use drover_protocol::manifest::{Capabilities, World};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, Store};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use crate::capped::CappedPipe;
+use crate::facts::HostFacts;
+
+/// How often the epoch advances: the granularity of deadlines and of yielding to tokio.
+pub const TICK: Duration = Duration::from_millis(10);
+
+/// Most log lines one run may write to the agent's log; the rest are counted and dropped.
+const MAX_LOG_LINES: u32 = 1000;
+/// Longest log line kept, in bytes.
+const MAX_LOG_LINE: usize = 4096;
+
+mod bindings {
+    pub mod inventory {
+        wasmtime::component::bindgen!({
+            path: "../wit",
+            world: "inventory-collector",
+            exports: { default: async },
+            additional_derives: [serde::Serialize],
+        });
+    }
+    pub mod task {
+        wasmtime::component::bindgen!({
+            path: "../wit",
+            world: "task",
+            exports: { default: async },
+            with: {
+                "drover:plugin/types": super::inventory::drover::plugin::types,
+                "drover:plugin/logging": super::inventory::drover::plugin::logging,
+                "drover:plugin/host-facts": super::inventory::drover::plugin::host_facts,
+            },
+        });
+    }
+}
+
+use bindings::inventory::drover::plugin::{host_facts, inventory, logging, types};
+
+/// Everything a run may touch. One per run, dropped with the store.
+struct Host {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: MemoryLimiter,
+    facts: Option<HostFacts>,
+    agent_id: String,
+    job_id: String,
+    plugin: String,
+    log_lines: u32,
+    log_dropped: u32,
+}
+
+impl WasiView for Host {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for Host {}
+impl inventory::Host for Host {}
+
+impl logging::Host for Host {
+    fn log(&mut self, level: logging::Level, message: String) {
+        if self.log_lines >= MAX_LOG_LINES {
+            self.log_dropped += 1;
+            return;
+        }
+        self.log_lines += 1;
+        let mut msg = message;
+        if msg.len() > MAX_LOG_LINE {
+            let mut end = MAX_LOG_LINE;
+            while !msg.is_char_boundary(end) {
+                end -= 1;
+            }
+            msg.truncate(end);
+        }
+        let (job, plugin) = (&self.job_id, &self.plugin);
+        match level {
+            logging::Level::Trace => tracing::trace!(job.id = %job, plugin = %plugin, "{msg}"),
+            logging::Level::Debug => tracing::debug!(job.id = %job, plugin = %plugin, "{msg}"),
+            logging::Level::Info => tracing::info!(job.id = %job, plugin = %plugin, "{msg}"),
+            logging::Level::Warn => tracing::warn!(job.id = %job, plugin = %plugin, "{msg}"),
+            logging::Level::Error => tracing::error!(job.id = %job, plugin = %plugin, "{msg}"),
+        }
+    }
+}
+
+impl host_facts::Host for Host {
+    fn get(&mut self) -> Option<host_facts::Facts> {
+        let f = self.facts.as_ref()?;
+        Some(host_facts::Facts {
+            hostname: f.hostname.clone(),
+            os_family: f.os_family.clone(),
+            os_name: f.os_name.clone(),
+            os_version: f.os_version.clone(),
+            kernel_version: f.kernel_version.clone(),
+            architecture: f.architecture.clone(),
+            cpu_count: f.cpu_count,
+            memory_total_bytes: f.memory_total_bytes,
+            uptime_seconds: f.uptime_seconds,
+            agent_id: self.agent_id.clone(),
+        })
+    }
+}
+
+/// Refuses memory growth past the limit and remembers that it did, so the result can
+/// say why the guest died (a Rust guest aborts when allocation fails).
+struct MemoryLimiter {
+    max_bytes: usize,
+    hit: Arc<AtomicBool>,
+}
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            self.hit.store(true, Ordering::Relaxed);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// A compiled plugin, ready to instantiate.
+#[derive(Clone)]
+pub struct LoadedPlugin {
+    pre: wasmtime::component::InstancePre<Host>,
+    world: World,
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct RunOutcome {
+    /// The plugin's output, or why there is none.
+    pub output: Result<serde_json::Value, Failure>,
+    /// Captured stdout.
+    pub stdout: Captured,
+    /// Captured stderr.
+    pub stderr: Captured,
+    /// Time spent instantiating and running.
+    pub run_time: Duration,
+}
+
+/// What a run is allowed.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// The granted capabilities (already intersected with policy).
+    pub capabilities: Capabilities,
+    /// The limits.
+    pub limits: Limits,
+}
+
+/// The sandbox runtime: one engine, shared by all runs.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<Host>,
+    cache_dir: PathBuf,
+    compat: String,
+    loaded: Mutex<HashMap<String, LoadedPlugin>>,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Feeds `Hash` output into SHA-256, to turn wasmtime's compatibility hash into a
+/// stable file-name component.
+struct Sha256Hasher(ring::digest::Context);
+
+impl std::hash::Hasher for Sha256Hasher {
+    fn finish(&self) -> u64 {
+        0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+}
+
+impl Runtime {
+    /// Creates the engine, the linker and the epoch ticker. `cache_dir` holds precompiled
+    /// components; it must be private to the agent (the files are native code).
+    pub fn new(cache_dir: &Path) -> anyhow::Result<Runtime> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        // Limits apply per store; keep reservations modest for small devices.
+        config.memory_reservation(64 << 20);
+        config.memory_reservation_for_growth(16 << 20);
+        config.max_wasm_stack(1 << 20);
+        let engine = Engine::new(&config)?;
+
+        let mut linker: Linker<Host> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        logging::add_to_linker::<Host, HasSelf<Host>>(&mut linker, |h| h)?;
+        host_facts::add_to_linker::<Host, HasSelf<Host>>(&mut linker, |h| h)?;
+
+        std::fs::create_dir_all(cache_dir)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(cache_dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+
+        let mut h = Sha256Hasher(ring::digest::Context::new(&ring::digest::SHA256));
+        std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut h);
+        let compat = hex::encode(&h.0.finish().as_ref()[..8]);
+
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        {
+            let engine = engine.clone();
+            let stop = stop_ticker.clone();
+            std::thread::Builder::new()
+                .name("drover-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(TICK);
+                        engine.increment_epoch();
+                    }
+                })?;
+        }
+
+        Ok(Runtime {
+            engine,
+            linker,
+            cache_dir: cache_dir.to_path_buf(),
+            compat,
+            loaded: Mutex::default(),
+            stop_ticker,
+        })
+    }
+
+    fn compiled_path(&self, sha256: &str) -> PathBuf {
+        self.cache_dir
+            .join(format!("{sha256}-{}.cwasm", self.compat))
+    }
+
+    /// Whether a precompiled artifact for this digest is in memory or on disk.
+    pub fn is_cached(&self, sha256: &str) -> bool {
+        self.loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(sha256)
+            || self.compiled_path(sha256).exists()
+    }
+
+    /// Loads a plugin: from memory, else the on-disk precompiled cache, else by compiling
+    /// `bytes()` (which the caller has already verified) and caching the result.
+    /// Returns the plugin and whether a cache was used.
+    pub fn load(
+        &self,
+        sha256: &str,
+        world: World,
+        bytes: impl FnOnce() -> anyhow::Result<Vec<u8>>,
+    ) -> Result<(LoadedPlugin, bool), Failure> {
+        if let Some(p) = self
+            .loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(sha256)
+        {
+            return Ok((p.clone(), true));
+        }
+        let compile_failed = |e: String| Failure {
+            kind: FailureKind::CompileFailed,
+            message: e,
+            retryable: false,
+        };
+        let path = self.compiled_path(sha256);
+        let mut cached = false;
+        let component = match self.deserialize(&path) {
+            Some(c) => {
+                cached = true;
+                c
+            }
+            None => {
+                let bytes = bytes().map_err(|e| Failure {
+                    kind: FailureKind::AgentError,
+                    message: format!("{e:#}"),
+                    retryable: true,
+                })?;
+                let compiled = self
+                    .engine
+                    .precompile_component(&bytes)
+                    .map_err(|e| compile_failed(format!("plugin does not compile: {e:#}")))?;
+                if let Err(e) = write_atomic(&path, &compiled) {
+                    tracing::warn!(path = %path.display(), error = %e, "could not cache compiled plugin");
+                }
+                self.deserialize_bytes(&compiled)
+                    .map_err(|e| compile_failed(format!("plugin does not load: {e:#}")))?
+            }
+        };
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            compile_failed(format!(
+                "plugin imports something this agent does not provide: {e:#}"
+            ))
+        })?;
+        let plugin = LoadedPlugin { pre, world };
+        // Check the exports now, so a world mismatch is a refusal, not a run failure.
+        match world {
+            World::InventoryCollector => {
+                bindings::inventory::InventoryCollectorPre::new(plugin.pre.clone()).map_err(
+                    |e| {
+                        compile_failed(format!(
+                            "plugin does not implement inventory-collector: {e:#}"
+                        ))
+                    },
+                )?;
+            }
+            World::Task => {
+                bindings::task::TaskPre::new(plugin.pre.clone()).map_err(|e| {
+                    compile_failed(format!("plugin does not implement task: {e:#}"))
+                })?;
+            }
+        }
+        self.loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(sha256.to_string(), plugin.clone());
+        Ok((plugin, cached))
+    }
+
+    fn deserialize(&self, path: &Path) -> Option<Component> {
+        if !path.exists() {
+            return None;
+        }
+        // SAFETY: the file was written by `precompile_component` of an engine with the
+        // same compatibility hash (it is in the file name), into a directory only this
+        // agent can write (created 0700 in `new`). wasmtime also checks the header.
+        #[allow(unsafe_code)]
+        let r = unsafe { Component::deserialize_file(&self.engine, path) };
+        match r {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "discarding unusable compiled plugin");
+                let _ = std::fs::remove_file(path);
+                None
+            }
+        }
+    }
+
+    fn deserialize_bytes(&self, bytes: &[u8]) -> wasmtime::Result<Component> {
+        // SAFETY: the bytes come from `precompile_component` on this very engine.
+        #[allow(unsafe_code)]
+        unsafe {
+            Component::deserialize(&self.engine, bytes)
+        }
+    }
+
+    /// Runs a loaded plugin with `input` under `grant`.
+    pub async fn run(
+        &self,
+        plugin: &LoadedPlugin,
+        agent_id: &str,
+        job_id: &str,
+        plugin_name: &str,
+        input: &serde_json::Value,
+        grant: &Grant,
+    ) -> RunOutcome {
+        let started = Instant::now();
+        let out_cap = grant.limits.output_bytes as usize;
+        let stdout = CappedPipe::new(out_cap);
+        let stderr = CappedPipe::new(out_cap);
+        let mem_hit = Arc::new(AtomicBool::new(false));
+
+        let output = self
+            .run_inner(
+                plugin,
+                agent_id,
+                job_id,
+                plugin_name,
+                input,
+                grant,
+                &stdout,
+                &stderr,
+                &mem_hit,
+            )
+            .await;
+        RunOutcome {
+            output,
+            stdout: stdout.captured(),
+            stderr: stderr.captured(),
+            run_time: started.elapsed(),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_inner(
+        &self,
+        plugin: &LoadedPlugin,
+        agent_id: &str,
+        job_id: &str,
+        plugin_name: &str,
+        input: &serde_json::Value,
+        grant: &Grant,
+        stdout: &CappedPipe,
+        stderr: &CappedPipe,
+        mem_hit: &Arc<AtomicBool>,
+    ) -> Result<serde_json::Value, Failure> {
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(stdout.clone()).stderr(stderr.clone());
+        for path in &grant.capabilities.read_paths {
+            wasi.preopened_dir(path, path, FsPerms::ReadOnly)
+                .map_err(|e| Failure {
+                    kind: FailureKind::AgentError,
+                    message: format!("granted path {path} cannot be opened on this host: {e}"),
+                    retryable: false,
+                })?;
+        }
+        let host = Host {
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter {
+                max_bytes: grant.limits.memory_bytes as usize,
+                hit: mem_hit.clone(),
+            },
+            facts: grant.capabilities.host_facts.then(HostFacts::gather),
+            agent_id: agent_id.to_string(),
+            job_id: job_id.to_string(),
+            plugin: plugin_name.to_string(),
+            log_lines: 0,
+            log_dropped: 0,
+        };
+        let mut store = Store::new(&self.engine, host);
+        store.limiter(|h| &mut h.limiter);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_async_yield_and_update(1);
+
+        let deadline = Duration::from_millis(grant.limits.timeout_ms);
+        let call = call_world(plugin, &mut store, input);
+        let result = match tokio::time::timeout(deadline, call).await {
+            Err(_) => Err(Failure {
+                kind: FailureKind::Timeout,
+                message: format!(
+                    "plugin did not finish within its {} ms deadline and was stopped",
+                    grant.limits.timeout_ms
+                ),
+                retryable: true,
+            }),
+            Ok(Ok(Ok(value))) => Ok(value),
+            Ok(Ok(Err(guest_err))) => Err(Failure {
+                kind: FailureKind::PluginError,
+                message: guest_err.message,
+                retryable: guest_err.retryable,
+            }),
+            Ok(Err(trap)) => {
+                if mem_hit.load(Ordering::Relaxed) {
+                    Err(Failure {
+                        kind: FailureKind::MemoryLimit,
+                        message: format!(
+                            "plugin tried to grow memory past its {} byte limit and stopped: {}",
+                            grant.limits.memory_bytes,
+                            first_line(&trap)
+                        ),
+                        retryable: false,
+                    })
+                } else {
+                    Err(Failure {
+                        kind: FailureKind::Trap,
+                        message: format!("plugin trapped: {}", first_line(&trap)),
+                        retryable: false,
+                    })
+                }
+            }
+        };
+        let dropped = store.data().log_dropped;
+        if dropped > 0 {
+            tracing::warn!(job.id = %job_id, plugin = %plugin_name, dropped, "plugin log lines dropped");
+        }
+        let value = result?;
+        let size = serde_json::to_vec(&value).map(|v| v.len()).unwrap_or(0);
+        if size as u64 > grant.limits.output_bytes {
+            return Err(Failure {
+                kind: FailureKind::OutputLimit,
+                message: format!(
+                    "plugin returned {size} bytes of output, over its {} byte limit",
+                    grant.limits.output_bytes
+                ),
+                retryable: false,
+            });
+        }
+        Ok(value)
+    }
+}
+
+fn first_line(e: &wasmtime::Error) -> String {
+    format!("{e:#}").lines().next().unwrap_or("").to_string()
+}
+
+/// A guest-reported error, before it becomes a [`Failure`].
+struct GuestError {
+    message: String,
+    retryable: bool,
+}
+
+async fn call_world(
+    plugin: &LoadedPlugin,
+    store: &mut Store<Host>,
+    input: &serde_json::Value,
+) -> wasmtime::Result<Result<serde_json::Value, GuestError>> {
+    match plugin.world {
+        World::InventoryCollector => {
+            let pre = bindings::inventory::InventoryCollectorPre::new(plugin.pre.clone())?;
+            let instance = pre.instantiate_async(&mut *store).await?;
+            let request = inventory::CollectRequest {
+                packages: input
+                    .get("packages")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(true),
+                extra: input.to_string(),
+            };
+            let r = instance.call_collect(&mut *store, &request).await?;
+            Ok(match r {
+                Ok(inv) => Ok(serde_json::to_value(&inv)?),
+                Err(e) => Err(GuestError {
+                    message: e.message,
+                    retryable: e.retryable,
+                }),
+            })
+        }
+        World::Task => {
+            let pre = bindings::task::TaskPre::new(plugin.pre.clone())?;
+            let instance = pre.instantiate_async(&mut *store).await?;
+            let r = instance.call_run(&mut *store, &input.to_string()).await?;
+            Ok(match r {
+                Ok(text) => match serde_json::from_str(&text) {
+                    Ok(v) => Ok(v),
+                    Err(e) => Err(GuestError {
+                        message: format!("plugin returned output that is not JSON: {e}"),
+                        retryable: false,
+                    }),
+                },
+                Err(e) => Err(GuestError {
+                    message: e.message,
+                    retryable: e.retryable,
+                }),
+            })
+        }
+    }
+}
+
+/// Writes `bytes` to `path` via a temporary file and a rename, so readers never see a
+/// partial file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}

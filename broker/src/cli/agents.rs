@@ -1,0 +1,191 @@
+//! `drover agents list|add|events`.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use drover_protocol::keys::{load_public, public_path};
+
+use super::{Ctx, Output, ago, parse_tag, print_json, print_table};
+use crate::api::Credentials;
+use crate::store::{AgentRow, EventRow};
+
+/// Agent commands.
+#[derive(Debug, clap::Subcommand)]
+pub enum AgentsCommand {
+    /// List agents with their status and when each was last seen.
+    List,
+    /// Add an agent: mint its broker credential and write a config file for drover-agent.
+    Add(AddArgs),
+    /// Show what agents reported outside of job results: refusals, bad messages.
+    Events(EventsArgs),
+}
+
+/// Flags of `drover agents add`.
+#[derive(Debug, clap::Args)]
+pub struct AddArgs {
+    /// The agent's id.
+    id: String,
+    /// Where to write the agent's config file.
+    #[arg(long, short)]
+    out: PathBuf,
+    /// The broker the agent should dial; defaults to the server's.
+    #[arg(long)]
+    broker: Option<String>,
+    /// The agent's data directory, written into the config.
+    #[arg(long)]
+    agent_data_dir: Option<PathBuf>,
+    /// A tag KEY=VALUE; repeatable.
+    #[arg(long = "tag", value_parser = parse_tag)]
+    tags: Vec<(String, String)>,
+    /// Directories plugins may be granted read-only (policy); repeatable.
+    #[arg(long = "allow-read", default_values = ["/var/lib/dpkg"])]
+    allow_read: Vec<String>,
+    /// Do not allow the host-facts capability.
+    #[arg(long)]
+    deny_host_facts: bool,
+}
+
+/// Flags of `drover agents events`.
+#[derive(Debug, clap::Args)]
+pub struct EventsArgs {
+    /// Only this agent's.
+    #[arg(long)]
+    agent: Option<String>,
+    /// At most this many, newest last.
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+}
+
+pub fn run(ctx: &Ctx, cmd: AgentsCommand) -> anyhow::Result<i32> {
+    match cmd {
+        AgentsCommand::List => list(ctx),
+        AgentsCommand::Add(a) => add(ctx, a),
+        AgentsCommand::Events(a) => events(ctx, a),
+    }
+}
+
+fn list(ctx: &Ctx) -> anyhow::Result<i32> {
+    let agents: Vec<AgentRow> = ctx.client()?.get("list agents", "/api/v1/agents")?;
+    if ctx.output == Output::Json {
+        print_json(&agents)?;
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = agents
+        .iter()
+        .map(|a| {
+            vec![
+                a.id.clone(),
+                if a.online { "online" } else { "offline" }.to_string(),
+                a.hostname.clone(),
+                a.os_version.clone(),
+                a.arch.clone(),
+                a.agent_version.clone(),
+                a.tags
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                ago(a.last_seen_ms),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "ID",
+            "STATUS",
+            "HOSTNAME",
+            "OS",
+            "ARCH",
+            "VERSION",
+            "TAGS",
+            "LAST SEEN",
+        ],
+        &rows,
+    );
+    Ok(0)
+}
+
+fn toml_str(s: &str) -> String {
+    serde_json::to_string(s).expect("strings serialise")
+}
+
+fn add(ctx: &Ctx, a: AddArgs) -> anyhow::Result<i32> {
+    let client = ctx.client()?;
+    let creds: Credentials = client.post(
+        "create credentials",
+        &format!("/api/v1/agents/{}/credentials", a.id),
+        &serde_json::json!({}),
+    )?;
+    let broker = match a.broker {
+        Some(b) => b,
+        None => ctx.data.read_server_info()?.broker,
+    };
+    let publisher = load_public(&public_path(&ctx.data.publisher_key()))
+        .context("reading the publisher public key (run `drover keygen`)")?;
+    let control = load_public(&public_path(&ctx.data.control_plane_key()))
+        .context("reading the control-plane public key (run `drover keygen`)")?;
+    let mut text = String::new();
+    text.push_str("# drover-agent configuration, written by `drover agents add`.\n");
+    text.push_str(&format!("id = {}\n", toml_str(&a.id)));
+    text.push_str(&format!("broker = {}\n", toml_str(&broker)));
+    text.push_str(&format!("password = {}\n", toml_str(&creds.password)));
+    if let Some(d) = &a.agent_data_dir {
+        text.push_str(&format!(
+            "data_dir = {}\n",
+            toml_str(&d.display().to_string())
+        ));
+    }
+    text.push_str("\n[tags]\n");
+    for (k, v) in &a.tags {
+        text.push_str(&format!("{} = {}\n", toml_str(k), toml_str(v)));
+    }
+    text.push_str("\n[trust]\n");
+    text.push_str(&format!(
+        "publishers = [{}]\n",
+        toml_str(&publisher.to_hex())
+    ));
+    text.push_str(&format!(
+        "control_plane = [{}]\n",
+        toml_str(&control.to_hex())
+    ));
+    text.push_str("\n[policy]\n");
+    text.push_str(&format!("host_facts = {}\n", !a.deny_host_facts));
+    let paths: Vec<String> = a.allow_read.iter().map(|p| toml_str(p)).collect();
+    text.push_str(&format!("read_paths = [{}]\n", paths.join(", ")));
+    drover_protocol::keys::write_private(&a.out, text.as_bytes())
+        .with_context(|| format!("writing {} (it must not exist yet)", a.out.display()))?;
+    match ctx.output {
+        Output::Json => print_json(&serde_json::json!({ "id": a.id, "config": a.out }))?,
+        Output::Text => println!(
+            "agent {} added; start it with: drover-agent --config {}",
+            a.id,
+            a.out.display()
+        ),
+    }
+    Ok(0)
+}
+
+fn events(ctx: &Ctx, a: EventsArgs) -> anyhow::Result<i32> {
+    let mut path = format!("/api/v1/events?limit={}", a.limit);
+    if let Some(agent) = &a.agent {
+        path.push_str(&format!("&agent={agent}"));
+    }
+    let events: Vec<EventRow> = ctx.client()?.get("list events", &path)?;
+    if ctx.output == Output::Json {
+        print_json(&events)?;
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = events
+        .iter()
+        .map(|e| {
+            vec![
+                ago(e.at_ms),
+                e.agent_id.clone(),
+                e.kind.clone(),
+                e.message.clone(),
+            ]
+        })
+        .collect();
+    print_table(&["WHEN", "AGENT", "KIND", "MESSAGE"], &rows);
+    Ok(0)
+}

@@ -1,0 +1,272 @@
+//! `drover run` and `drover job show`.
+
+use std::time::{Duration, Instant};
+
+use drover_protocol::job::{JobResult, ResultStatus};
+
+use super::{Ctx, Output, parse_duration, print_json};
+use crate::api::JobView;
+use crate::control::{JobCreated, JobRequest};
+use crate::store::TargetRow;
+
+/// Exit code when every target succeeded.
+pub const EXIT_OK: i32 = 0;
+/// Exit code when some target failed or refused the job.
+pub const EXIT_FAILED: i32 = 1;
+/// Exit code when the wait ended before every result was in.
+pub const EXIT_TIMEOUT: i32 = 2;
+
+/// Flags of `drover run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The plugin's name.
+    plugin: String,
+    /// `all`, `tag:KEY=VALUE`, or comma-separated agent ids.
+    #[arg(long, short)]
+    targets: String,
+    /// The plugin's input, JSON.
+    #[arg(long, default_value = "{}")]
+    input: String,
+    /// A specific plugin version; the newest by default.
+    #[arg(long)]
+    version: Option<u64>,
+    /// The plugin's deadline on each agent.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// The plugin's memory limit, MiB.
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// The cap on each output stream, KiB.
+    #[arg(long)]
+    output_kib: Option<u64>,
+    /// How long agents that are offline may still receive the job.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    delivery_timeout: Duration,
+    /// How long to wait for results; defaults to the plugin deadline plus 30 s.
+    #[arg(long, value_parser = parse_duration)]
+    wait: Option<Duration>,
+    /// Print the job id and exit without waiting.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+/// Job commands.
+#[derive(Debug, clap::Subcommand)]
+pub enum JobCommand {
+    /// Show a job: its status counts and each target's result.
+    Show {
+        /// The job id.
+        id: String,
+    },
+}
+
+pub fn run(ctx: &Ctx, a: RunArgs) -> anyhow::Result<i32> {
+    let input: serde_json::Value = serde_json::from_str(&a.input)
+        .map_err(|e| anyhow::anyhow!("--input is not valid JSON: {e}"))?;
+    let client = ctx.client()?;
+    let started = Instant::now();
+    let created: JobCreated = client.post(
+        "run",
+        "/api/v1/jobs",
+        &JobRequest {
+            plugin: a.plugin.clone(),
+            version: a.version,
+            targets: a.targets.clone(),
+            input,
+            timeout_secs: Some(a.timeout.as_secs().max(1)),
+            memory_mib: a.memory_mib,
+            output_kib: a.output_kib,
+            delivery_secs: Some(a.delivery_timeout.as_secs().max(1)),
+        },
+    )?;
+    if ctx.output == Output::Text {
+        eprintln!(
+            "job {} : {} v{} on {} agent(s)",
+            created.job_id,
+            a.plugin,
+            created.version,
+            created.agents.len()
+        );
+    }
+    if a.no_wait {
+        if ctx.output == Output::Json {
+            print_json(&created)?;
+        } else {
+            println!("{}", created.job_id);
+        }
+        return Ok(EXIT_OK);
+    }
+    let wait = a.wait.unwrap_or(a.timeout + Duration::from_secs(30));
+    let deadline = started + wait;
+    let mut printed = std::collections::HashSet::new();
+    let mut done = 0usize;
+    let mut view: JobView;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        view = client.get(
+            "job status",
+            &format!(
+                "/api/v1/jobs/{}?done={done}&wait_ms={}",
+                created.job_id,
+                left.as_millis().min(30_000)
+            ),
+        )?;
+        for t in &view.targets {
+            if let Some(r) = &t.result
+                && printed.insert(t.agent_id.clone())
+            {
+                print_result(ctx.output, r)?;
+            }
+        }
+        done = printed.len();
+        if done == view.targets.len() || Instant::now() >= deadline {
+            break;
+        }
+    }
+    let summary = Summary::of(&view.targets);
+    if ctx.output == Output::Text {
+        eprintln!(
+            "{} of {} in after {:.1}s: {} succeeded, {} failed, {} rejected{}",
+            done,
+            view.targets.len(),
+            started.elapsed().as_secs_f64(),
+            summary.succeeded,
+            summary.failed,
+            summary.rejected,
+            if summary.waiting > 0 {
+                format!(
+                    ", {} still waiting (see `drover job show {}`)",
+                    summary.waiting, created.job_id
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(summary.exit_code())
+}
+
+/// Counts of target outcomes.
+#[derive(Debug, Default)]
+struct Summary {
+    succeeded: usize,
+    failed: usize,
+    rejected: usize,
+    waiting: usize,
+}
+
+impl Summary {
+    fn of(targets: &[TargetRow]) -> Summary {
+        let mut s = Summary::default();
+        for t in targets {
+            match t.result.as_ref().map(|r| r.status) {
+                Some(ResultStatus::Succeeded) => s.succeeded += 1,
+                Some(ResultStatus::Failed) => s.failed += 1,
+                Some(ResultStatus::Rejected) => s.rejected += 1,
+                None => s.waiting += 1,
+            }
+        }
+        s
+    }
+
+    fn exit_code(&self) -> i32 {
+        if self.waiting > 0 {
+            EXIT_TIMEOUT
+        } else if self.failed + self.rejected > 0 {
+            EXIT_FAILED
+        } else {
+            EXIT_OK
+        }
+    }
+}
+
+/// One line about a result's output, for people.
+pub fn summarize_output(v: &serde_json::Value) -> String {
+    if let (Some(os), Some(pkgs)) = (v.get("os"), v.get("packages").and_then(|p| p.as_array())) {
+        let name = os.get("name").and_then(|s| s.as_str()).unwrap_or("");
+        let version = os.get("version").and_then(|s| s.as_str()).unwrap_or("");
+        let kernel = os
+            .get("kernel-version")
+            .and_then(|s| s.as_str())
+            .unwrap_or("");
+        let arch = os
+            .get("architecture")
+            .and_then(|s| s.as_str())
+            .unwrap_or("");
+        return format!(
+            "{name} {version} ({arch}, kernel {kernel}), {} packages",
+            pkgs.len()
+        );
+    }
+    let s = v.to_string();
+    if s.len() > 160 {
+        let mut end = 160;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}...", &s[..end])
+    } else {
+        s
+    }
+}
+
+fn print_result(output: Output, r: &JobResult) -> anyhow::Result<()> {
+    if output == Output::Json {
+        println!("{}", serde_json::to_string(r)?);
+        return Ok(());
+    }
+    let detail = match (&r.failure, &r.output) {
+        (Some(f), _) => format!("{:?}: {}", f.kind, f.message),
+        (None, Some(v)) => summarize_output(v),
+        (None, None) => String::new(),
+    };
+    println!(
+        "{:<20} {:<9} {:>6} ms  {}",
+        r.agent_id,
+        r.status.as_str(),
+        r.duration_ms,
+        detail
+    );
+    for (name, c) in [("stdout", &r.stdout), ("stderr", &r.stderr)] {
+        if c.truncated {
+            println!(
+                "{:<20} {name}: {} bytes written, first {} kept (truncated)",
+                "",
+                c.total_bytes,
+                c.text.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn job(ctx: &Ctx, cmd: JobCommand) -> anyhow::Result<i32> {
+    let JobCommand::Show { id } = cmd;
+    let view: JobView = ctx
+        .client()?
+        .get("job status", &format!("/api/v1/jobs/{id}"))?;
+    if ctx.output == Output::Json {
+        print_json(&view)?;
+        return Ok(0);
+    }
+    let s = Summary::of(&view.targets);
+    println!(
+        "job {}  plugin {} v{}  targets {:?}",
+        view.job.id, view.job.plugin, view.job.version, view.job.targets
+    );
+    println!(
+        "{} targets: {} succeeded, {} failed, {} rejected, {} waiting",
+        view.targets.len(),
+        s.succeeded,
+        s.failed,
+        s.rejected,
+        s.waiting
+    );
+    for t in &view.targets {
+        match &t.result {
+            Some(r) => print_result(Output::Text, r)?,
+            None => println!("{:<20} {:<9}", t.agent_id, t.status),
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,94 @@
+//! Broker credentials: who may connect to the embedded broker, and as what.
+//!
+//! Passwords are random 32-byte tokens the server mints, never chosen by people, so a
+//! salted SHA-256 is enough to keep the database from holding usable secrets; a slow
+//! password hash would only slow down 10,000 agents reconnecting at once.
+
+use base64::Engine as _;
+use ring::digest::{SHA256, digest};
+use ring::rand::{SecureRandom as _, SystemRandom};
+
+use crate::embedded::{Authenticator, Principal};
+use crate::store::Store;
+
+/// The control plane's own username on the embedded broker.
+pub const CONTROL_USER: &str = "drover-control";
+
+/// Checks broker logins against the store, plus the control plane's session credential.
+pub struct BrokerAuth {
+    store: Store,
+    control_password_hash: Vec<u8>,
+}
+
+impl std::fmt::Debug for BrokerAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BrokerAuth")
+    }
+}
+
+/// A new random password.
+pub fn new_password() -> String {
+    let mut b = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut b)
+        .expect("system random source failed");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+fn hash(salt: &[u8], password: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(salt.len() + password.len());
+    m.extend_from_slice(salt);
+    m.extend_from_slice(password);
+    digest(&SHA256, &m).as_ref().to_vec()
+}
+
+impl BrokerAuth {
+    /// `control_password` is the control plane's credential for this run of the server.
+    pub fn new(store: Store, control_password: &str) -> BrokerAuth {
+        BrokerAuth {
+            store,
+            control_password_hash: hash(b"control", control_password.as_bytes()),
+        }
+    }
+
+    /// Creates or replaces the broker credential of agent `id`; returns the password.
+    pub fn create_agent(store: &Store, id: &str) -> anyhow::Result<String> {
+        anyhow::ensure!(
+            drover_protocol::topics::is_valid_agent_id(id),
+            "agent id {id:?} is invalid: use 1-64 characters of A-Z a-z 0-9 . _ -"
+        );
+        anyhow::ensure!(id != CONTROL_USER, "agent id {id:?} is reserved");
+        let password = new_password();
+        let mut salt = [0u8; 16];
+        SystemRandom::new()
+            .fill(&mut salt)
+            .map_err(|_| anyhow::anyhow!("system random source failed"))?;
+        store.put_broker_user(
+            id,
+            "agent",
+            &salt,
+            &hash(&salt, password.as_bytes()),
+            drover_protocol::now_ms(),
+        )?;
+        Ok(password)
+    }
+}
+
+impl Authenticator for BrokerAuth {
+    fn authenticate(&self, client_id: &str, username: &str, password: &[u8]) -> Option<Principal> {
+        if username == CONTROL_USER {
+            return (hash(b"control", password) == self.control_password_hash)
+                .then_some(Principal::Control);
+        }
+        match self.store.broker_user(username) {
+            Ok(Some((role, salt, stored))) if role == "agent" => {
+                (hash(&salt, password) == stored).then(|| Principal::Agent(username.to_string()))
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::error!(%client_id, error = %format!("{e:#}"), "credential lookup failed");
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! `drover`: the server side and the operator CLI.
+//!
+//! - [`server`]: `drover serve`, wiring everything below together.
+//! - [`embedded`]: the embedded MQTT broker, with per-client auth and topic ACLs.
+//! - [`credentials`]: broker credentials, checked against the store.
+//! - [`control`]: the control plane: signed job envelopes, plugin chunks, results.
+//! - [`store`]: SQLite.
+//! - [`api`]: the HTTP API.
+//! - [`client`]: the CLI's HTTP client.
+//! - [`cli`]: the command line.
+//! - [`paths`]: the data directory layout.
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod control;
+pub mod credentials;
+pub mod embedded;
+pub mod paths;
+pub mod server;
+pub mod store;

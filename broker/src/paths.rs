@@ -1,0 +1,109 @@
+//! The server's data directory layout.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+
+use crate::server::ServerInfo;
+
+/// The data directory: database, keys, broker state, operator token.
+#[derive(Debug, Clone)]
+pub struct DataDir(PathBuf);
+
+impl DataDir {
+    /// Wraps a path.
+    pub fn new(p: impl Into<PathBuf>) -> DataDir {
+        DataDir(p.into())
+    }
+
+    /// The root.
+    pub fn root(&self) -> &Path {
+        &self.0
+    }
+
+    /// Creates the directory (private to its owner).
+    pub fn create(&self) -> anyhow::Result<()> {
+        std::fs::create_dir_all(self.keys_dir())
+            .with_context(|| format!("creating {}", self.0.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&self.0, std::fs::Permissions::from_mode(0o700))?;
+        }
+        Ok(())
+    }
+
+    /// `keys/`.
+    pub fn keys_dir(&self) -> PathBuf {
+        self.0.join("keys")
+    }
+
+    /// The publisher key.
+    pub fn publisher_key(&self) -> PathBuf {
+        self.keys_dir().join("publisher.key")
+    }
+
+    /// The control-plane key.
+    pub fn control_plane_key(&self) -> PathBuf {
+        self.keys_dir().join("control-plane.key")
+    }
+
+    /// The SQLite database.
+    pub fn database(&self) -> PathBuf {
+        self.0.join("drover.db")
+    }
+
+    /// The embedded broker's state.
+    pub fn broker_dir(&self) -> PathBuf {
+        self.0.join("broker")
+    }
+
+    /// The operator token file.
+    pub fn api_token(&self) -> PathBuf {
+        self.0.join("api-token")
+    }
+
+    /// `server.json`, written while the server runs.
+    pub fn server_info(&self) -> PathBuf {
+        self.0.join("server.json")
+    }
+
+    /// Reads the operator token, creating it if needed.
+    pub fn ensure_api_token(&self) -> anyhow::Result<String> {
+        let path = self.api_token();
+        if !path.exists() {
+            let token = crate::credentials::new_password();
+            drover_protocol::keys::write_private(&path, token.as_bytes())
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .trim()
+            .to_string())
+    }
+
+    /// Writes `server.json` atomically.
+    pub fn write_server_info(&self, info: &ServerInfo) -> anyhow::Result<()> {
+        let tmp = self.0.join("server.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(info)?)?;
+        std::fs::rename(&tmp, self.server_info())?;
+        Ok(())
+    }
+
+    /// Reads `server.json`.
+    pub fn read_server_info(&self) -> anyhow::Result<ServerInfo> {
+        let path = self.server_info();
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "no running server found ({} is missing; start one with `drover serve`)",
+                path.display()
+            )
+        })?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// Removes `server.json`.
+    pub fn remove_server_info(&self) {
+        let _ = std::fs::remove_file(self.server_info());
+    }
+}

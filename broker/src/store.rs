@@ -1,0 +1,587 @@
+//! The server's SQLite store: agents, broker credentials, plugins, jobs, results, events.
+//!
+//! One connection behind a mutex. Every statement is short, so callers on async tasks
+//! hold it only for microseconds; a pool would add nothing on one SQLite file.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use anyhow::Context as _;
+use drover_protocol::agent::Hello;
+use drover_protocol::job::JobResult;
+use drover_protocol::manifest::Manifest;
+use drover_protocol::signed::Signed;
+use rusqlite::{Connection, OptionalExtension as _, params};
+use serde::{Deserialize, Serialize};
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS agents (
+    id TEXT PRIMARY KEY,
+    hostname TEXT NOT NULL DEFAULT '',
+    os TEXT NOT NULL DEFAULT '',
+    os_version TEXT NOT NULL DEFAULT '',
+    arch TEXT NOT NULL DEFAULT '',
+    agent_version TEXT NOT NULL DEFAULT '',
+    tags TEXT NOT NULL DEFAULT '{}',
+    online INTEGER NOT NULL DEFAULT 0,
+    first_seen_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL,
+    status_changed_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS broker_users (
+    username TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    salt BLOB NOT NULL,
+    hash BLOB NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS blobs (
+    sha256 TEXT PRIMARY KEY,
+    bytes BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS plugins (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    length INTEGER NOT NULL,
+    world TEXT NOT NULL,
+    manifest TEXT NOT NULL,
+    published_ms INTEGER NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    plugin TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    targets TEXT NOT NULL,
+    input TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS job_targets (
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    agent_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    result TEXT,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (job_id, agent_id)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    agent_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+"#;
+
+/// An agent as the server knows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentRow {
+    /// Id.
+    pub id: String,
+    /// Host name.
+    pub hostname: String,
+    /// OS family.
+    pub os: String,
+    /// Distribution and version.
+    pub os_version: String,
+    /// Architecture.
+    pub arch: String,
+    /// Agent version.
+    pub agent_version: String,
+    /// Tags.
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// Connected now.
+    pub online: bool,
+    /// First seen, Unix ms.
+    pub first_seen_ms: u64,
+    /// Last message, Unix ms.
+    pub last_seen_ms: u64,
+    /// When `online` last changed, Unix ms.
+    pub status_changed_ms: u64,
+}
+
+/// A published plugin.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PluginRow {
+    /// Name.
+    pub name: String,
+    /// Version.
+    pub version: u64,
+    /// Digest.
+    pub sha256: String,
+    /// Length.
+    pub length: u64,
+    /// World.
+    pub world: String,
+    /// When published, Unix ms.
+    pub published_ms: u64,
+    /// The signed manifest.
+    pub manifest: Signed<Manifest>,
+}
+
+/// A job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRow {
+    /// Id.
+    pub id: String,
+    /// Plugin name.
+    pub plugin: String,
+    /// Plugin version.
+    pub version: u64,
+    /// The target selector as given.
+    pub targets: String,
+    /// Input.
+    pub input: serde_json::Value,
+    /// Created, Unix ms.
+    pub created_ms: u64,
+    /// Expires, Unix ms.
+    pub expires_ms: u64,
+}
+
+/// One target of a job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TargetRow {
+    /// The agent.
+    pub agent_id: String,
+    /// Attempt.
+    pub attempt: u32,
+    /// `pending`, `sent`, `succeeded`, `failed`, `rejected`.
+    pub status: String,
+    /// The result, once in.
+    pub result: Option<JobResult>,
+    /// Last change, Unix ms.
+    pub updated_ms: u64,
+}
+
+impl TargetRow {
+    /// Whether a result is in.
+    pub fn is_done(&self) -> bool {
+        self.result.is_some()
+    }
+}
+
+/// Something an agent reported that belongs to no job target, or a refusal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventRow {
+    /// Sequence.
+    pub id: i64,
+    /// When, Unix ms.
+    pub at_ms: u64,
+    /// The agent.
+    pub agent_id: String,
+    /// Category.
+    pub kind: String,
+    /// What happened.
+    pub message: String,
+}
+
+/// What recording a result did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Stored as the target's result.
+    Stored,
+    /// The target already had a result for this attempt.
+    Duplicate,
+    /// No such job target.
+    NoTarget,
+}
+
+/// The store handle; clones share one connection.
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> anyhow::Result<Store> {
+        let conn = Connection::open(path)
+            .with_context(|| format!("opening database {}", path.display()))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
+        )?;
+        conn.execute_batch(SCHEMA).context("creating schema")?;
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    // ---- agents ----
+
+    /// Records an agent's announcement; it is online.
+    pub fn upsert_hello(&self, hello: &Hello, now: u64) -> anyhow::Result<()> {
+        self.conn().execute(
+            "INSERT INTO agents (id, hostname, os, os_version, arch, agent_version, tags, online, first_seen_ms, last_seen_ms, status_changed_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?8, ?8)
+             ON CONFLICT(id) DO UPDATE SET hostname = ?2, os = ?3, os_version = ?4, arch = ?5,
+                agent_version = ?6, tags = ?7, last_seen_ms = ?8,
+                status_changed_ms = CASE WHEN online = 0 THEN ?8 ELSE status_changed_ms END,
+                online = 1",
+            params![
+                hello.agent_id,
+                hello.hostname,
+                hello.os,
+                hello.os_version,
+                hello.arch,
+                hello.agent_version,
+                serde_json::to_string(&hello.tags)?,
+                to_i64(now)
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Records presence. Unknown agents are created with what little is known.
+    pub fn set_online(&self, id: &str, online: bool, now: u64) -> anyhow::Result<()> {
+        self.conn().execute(
+            "INSERT INTO agents (id, online, first_seen_ms, last_seen_ms, status_changed_ms)
+             VALUES (?1, ?2, ?3, ?3, ?3)
+             ON CONFLICT(id) DO UPDATE SET
+                status_changed_ms = CASE WHEN online != ?2 THEN ?3 ELSE status_changed_ms END,
+                online = ?2,
+                last_seen_ms = CASE WHEN ?2 THEN ?3 ELSE last_seen_ms END",
+            params![id, online, to_i64(now)],
+        )?;
+        Ok(())
+    }
+
+    /// Notes that an agent was heard from.
+    pub fn touch(&self, id: &str, now: u64) -> anyhow::Result<()> {
+        self.conn().execute(
+            "UPDATE agents SET last_seen_ms = ?2 WHERE id = ?1",
+            params![id, to_i64(now)],
+        )?;
+        Ok(())
+    }
+
+    /// All agents, by id.
+    pub fn agents(&self) -> anyhow::Result<Vec<AgentRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, hostname, os, os_version, arch, agent_version, tags, online, first_seen_ms, last_seen_ms, status_changed_ms
+             FROM agents ORDER BY id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(AgentRow {
+                id: r.get(0)?,
+                hostname: r.get(1)?,
+                os: r.get(2)?,
+                os_version: r.get(3)?,
+                arch: r.get(4)?,
+                agent_version: r.get(5)?,
+                tags: serde_json::from_str(&r.get::<_, String>(6)?).unwrap_or_default(),
+                online: r.get(7)?,
+                first_seen_ms: r.get::<_, i64>(8)? as u64,
+                last_seen_ms: r.get::<_, i64>(9)? as u64,
+                status_changed_ms: r.get::<_, i64>(10)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    // ---- broker credentials ----
+
+    /// Stores (replacing) a broker credential.
+    pub fn put_broker_user(
+        &self,
+        username: &str,
+        role: &str,
+        salt: &[u8],
+        hash: &[u8],
+        now: u64,
+    ) -> anyhow::Result<()> {
+        self.conn().execute(
+            "INSERT INTO broker_users (username, role, salt, hash, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(username) DO UPDATE SET role = ?2, salt = ?3, hash = ?4, created_ms = ?5",
+            params![username, role, salt, hash, to_i64(now)],
+        )?;
+        Ok(())
+    }
+
+    /// A broker credential: (role, salt, hash).
+    pub fn broker_user(
+        &self,
+        username: &str,
+    ) -> anyhow::Result<Option<(String, Vec<u8>, Vec<u8>)>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT role, salt, hash FROM broker_users WHERE username = ?1",
+                params![username],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?)
+    }
+
+    // ---- plugins ----
+
+    /// The newest version of a plugin.
+    pub fn latest_version(&self, name: &str) -> anyhow::Result<Option<u64>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT MAX(version) FROM plugins WHERE name = ?1",
+                params![name],
+                |r| r.get::<_, Option<i64>>(0),
+            )?
+            .map(|v| v as u64))
+    }
+
+    /// Stores a plugin and its blob.
+    pub fn put_plugin(
+        &self,
+        m: &Manifest,
+        signed: &Signed<Manifest>,
+        blob: &[u8],
+        now: u64,
+    ) -> anyhow::Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT OR IGNORE INTO blobs (sha256, bytes) VALUES (?1, ?2)",
+            params![m.sha256, blob],
+        )?;
+        tx.execute(
+            "INSERT INTO plugins (name, version, sha256, length, world, manifest, published_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                m.name,
+                to_i64(m.version),
+                m.sha256,
+                to_i64(m.length),
+                m.world.as_str(),
+                serde_json::to_string(signed)?,
+                to_i64(now)
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn plugin_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(PluginRow, String)> {
+        let manifest_text: String = r.get(5)?;
+        let manifest = serde_json::from_str(&manifest_text).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(5, rusqlite::types::Type::Text, Box::new(e))
+        })?;
+        Ok((
+            PluginRow {
+                name: r.get(0)?,
+                version: r.get::<_, i64>(1)? as u64,
+                sha256: r.get(2)?,
+                length: r.get::<_, i64>(3)? as u64,
+                world: r.get(4)?,
+                published_ms: r.get::<_, i64>(6)? as u64,
+                manifest,
+            },
+            manifest_text,
+        ))
+    }
+
+    /// A plugin by name and version (the newest when `version` is `None`).
+    pub fn plugin(&self, name: &str, version: Option<u64>) -> anyhow::Result<Option<PluginRow>> {
+        let conn = self.conn();
+        let q = "SELECT name, version, sha256, length, world, manifest, published_ms FROM plugins WHERE name = ?1";
+        let row = match version {
+            Some(v) => conn
+                .query_row(
+                    &format!("{q} AND version = ?2"),
+                    params![name, to_i64(v)],
+                    Self::plugin_from_row,
+                )
+                .optional()?,
+            None => conn
+                .query_row(
+                    &format!("{q} ORDER BY version DESC LIMIT 1"),
+                    params![name],
+                    Self::plugin_from_row,
+                )
+                .optional()?,
+        };
+        Ok(row.map(|(p, _)| p))
+    }
+
+    /// All plugins.
+    pub fn plugins(&self) -> anyhow::Result<Vec<PluginRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT name, version, sha256, length, world, manifest, published_ms FROM plugins ORDER BY name, version",
+        )?;
+        let rows = stmt.query_map([], Self::plugin_from_row)?;
+        Ok(rows.map(|r| r.map(|(p, _)| p)).collect::<Result<_, _>>()?)
+    }
+
+    /// A blob by digest.
+    pub fn blob(&self, sha256: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT bytes FROM blobs WHERE sha256 = ?1",
+                params![sha256],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    // ---- jobs ----
+
+    /// Stores a job and its targets (all `pending`, attempt 1).
+    pub fn create_job(&self, job: &JobRow, agents: &[String]) -> anyhow::Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO jobs (id, plugin, version, targets, input, created_ms, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                job.id,
+                job.plugin,
+                to_i64(job.version),
+                job.targets,
+                job.input.to_string(),
+                to_i64(job.created_ms),
+                to_i64(job.expires_ms)
+            ],
+        )?;
+        for a in agents {
+            tx.execute(
+                "INSERT INTO job_targets (job_id, agent_id, attempt, status, updated_ms) VALUES (?1, ?2, 1, 'pending', ?3)",
+                params![job.id, a, to_i64(job.created_ms)],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Marks a target's envelope as sent.
+    pub fn mark_sent(&self, job_id: &str, agent_id: &str, now: u64) -> anyhow::Result<()> {
+        self.conn().execute(
+            "UPDATE job_targets SET status = 'sent', updated_ms = ?3 WHERE job_id = ?1 AND agent_id = ?2 AND status = 'pending'",
+            params![job_id, agent_id, to_i64(now)],
+        )?;
+        Ok(())
+    }
+
+    /// Records a result, at most once per (agent, job, attempt).
+    pub fn record_result(&self, r: &JobResult, now: u64) -> anyhow::Result<Recorded> {
+        let conn = self.conn();
+        let current: Option<(u32, Option<String>)> = conn
+            .query_row(
+                "SELECT attempt, result FROM job_targets WHERE job_id = ?1 AND agent_id = ?2",
+                params![r.job_id, r.agent_id],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        match current {
+            None => Ok(Recorded::NoTarget),
+            Some((attempt, _)) if attempt != r.attempt => Ok(Recorded::NoTarget),
+            Some((_, Some(_))) => Ok(Recorded::Duplicate),
+            Some((_, None)) => {
+                conn.execute(
+                    "UPDATE job_targets SET status = ?3, result = ?4, updated_ms = ?5 WHERE job_id = ?1 AND agent_id = ?2 AND result IS NULL",
+                    params![
+                        r.job_id,
+                        r.agent_id,
+                        r.status.as_str(),
+                        serde_json::to_string(r)?,
+                        to_i64(now)
+                    ],
+                )?;
+                Ok(Recorded::Stored)
+            }
+        }
+    }
+
+    /// A job.
+    pub fn job(&self, id: &str) -> anyhow::Result<Option<JobRow>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT id, plugin, version, targets, input, created_ms, expires_ms FROM jobs WHERE id = ?1",
+                params![id],
+                |r| {
+                    Ok(JobRow {
+                        id: r.get(0)?,
+                        plugin: r.get(1)?,
+                        version: r.get::<_, i64>(2)? as u64,
+                        targets: r.get(3)?,
+                        input: serde_json::from_str(&r.get::<_, String>(4)?)
+                            .unwrap_or(serde_json::Value::Null),
+                        created_ms: r.get::<_, i64>(5)? as u64,
+                        expires_ms: r.get::<_, i64>(6)? as u64,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// A job's targets, by agent id.
+    pub fn targets(&self, job_id: &str) -> anyhow::Result<Vec<TargetRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT agent_id, attempt, status, result, updated_ms FROM job_targets WHERE job_id = ?1 ORDER BY agent_id",
+        )?;
+        let rows = stmt.query_map(params![job_id], |r| {
+            let result: Option<String> = r.get(3)?;
+            Ok(TargetRow {
+                agent_id: r.get(0)?,
+                attempt: r.get(1)?,
+                status: r.get(2)?,
+                result: result.and_then(|t| serde_json::from_str(&t).ok()),
+                updated_ms: r.get::<_, i64>(4)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    // ---- events ----
+
+    /// Records an event.
+    pub fn add_event(
+        &self,
+        agent_id: &str,
+        kind: &str,
+        message: &str,
+        now: u64,
+    ) -> anyhow::Result<()> {
+        self.conn().execute(
+            "INSERT INTO events (at_ms, agent_id, kind, message) VALUES (?1, ?2, ?3, ?4)",
+            params![to_i64(now), agent_id, kind, message],
+        )?;
+        Ok(())
+    }
+
+    /// Events, newest last; optionally for one agent.
+    pub fn events(&self, agent_id: Option<&str>, limit: u32) -> anyhow::Result<Vec<EventRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, at_ms, agent_id, kind, message FROM events
+             WHERE ?1 IS NULL OR agent_id = ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![agent_id, limit], |r| {
+            Ok(EventRow {
+                id: r.get(0)?,
+                at_ms: r.get::<_, i64>(1)? as u64,
+                agent_id: r.get(2)?,
+                kind: r.get(3)?,
+                message: r.get(4)?,
+            })
+        })?;
+        let mut v: Vec<EventRow> = rows.collect::<Result<_, _>>()?;
+        v.reverse();
+        Ok(v)
+    }
+}

@@ -1,0 +1,114 @@
+//! The `task` world's glue: bindings for ../../wit, and `run`, which reads the input and
+//! dispatches to [`crate::modes`].
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::modes::{self, MIB};
+
+wit_bindgen::generate!({
+    path: "../../wit",
+    world: "task",
+});
+
+use drover::plugin::host_facts;
+use drover::plugin::logging::{self, Level};
+
+struct Misbehave;
+
+impl Guest for Misbehave {
+    fn run(input: String) -> Result<String, PluginError> {
+        run(&input).map_err(|failure| match failure {
+            Failure::Asked => PluginError {
+                message: "asked to fail".to_owned(),
+                retryable: true,
+            },
+            Failure::Input(message) => PluginError {
+                message,
+                retryable: false,
+            },
+        })
+    }
+}
+
+export!(Misbehave);
+
+enum Failure {
+    /// Mode `fail`: a retryable error.
+    Asked,
+    /// Bad input, or an operation that failed: not retryable.
+    Input(String),
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure::Input(message)
+    }
+}
+
+fn run(input: &str) -> Result<String, Failure> {
+    let input: Value =
+        serde_json::from_str(input).map_err(|e| format!("input is not valid JSON: {e}"))?;
+    let Some(args) = input.as_object() else {
+        return Err(Failure::Input(
+            "input must be a JSON object with a \"mode\"".to_owned(),
+        ));
+    };
+    let mode = match args.get("mode") {
+        Some(Value::String(mode)) => mode.as_str(),
+        Some(_) => return Err(Failure::Input("\"mode\" must be a string".to_owned())),
+        None => return Err(Failure::Input("input has no \"mode\"".to_owned())),
+    };
+    let output = match mode {
+        "echo" => json!({ "echo": input }),
+        "spin" => modes::spin(),
+        "sleep" => {
+            let seconds = modes::number(args, "seconds", 3600.0)?;
+            let duration = Duration::try_from_secs_f64(seconds)
+                .map_err(|_| "\"seconds\" must be a non-negative number of seconds".to_owned())?;
+            // Blocks in wasi:clocks' monotonic-clock subscribe + wasi:io/poll.
+            std::thread::sleep(duration);
+            json!({ "slept": seconds })
+        }
+        "grow" => json!({ "allocated_mib": modes::grow(modes::count(args, "mib", 4096)?) }),
+        "open" => {
+            let path = modes::string(args, "path", "/etc/hostname")?;
+            let bytes = std::fs::read(path).map_err(|e| format!("could not open {path}: {e}"))?;
+            json!({ "read_bytes": bytes.len() })
+        }
+        "spew" => {
+            let bytes = modes::count(args, "bytes", 8 * MIB as u64)?;
+            json!({ "written": modes::spew(&mut std::io::stdout(), bytes) })
+        }
+        "stderr" => {
+            let bytes = modes::count(args, "bytes", 8 * MIB as u64)?;
+            json!({ "written": modes::spew(&mut std::io::stderr(), bytes) })
+        }
+        "log" => {
+            let message = modes::string(args, "message", "hello from misbehave")?;
+            logging::log(Level::Info, message);
+            json!({})
+        }
+        // Keys are the WIT field names in snake_case, as Drover's JSON elsewhere.
+        "facts" => match host_facts::get() {
+            Some(f) => json!({
+                "hostname": f.hostname,
+                "os_family": f.os_family,
+                "os_name": f.os_name,
+                "os_version": f.os_version,
+                "kernel_version": f.kernel_version,
+                "architecture": f.architecture,
+                "cpu_count": f.cpu_count,
+                "memory_total_bytes": f.memory_total_bytes,
+                "uptime_seconds": f.uptime_seconds,
+                "agent_id": f.agent_id,
+            }),
+            None => Value::Null,
+        },
+        "fail" => return Err(Failure::Asked),
+        "trap" => panic!("asked to trap"),
+        other => return Err(Failure::Input(format!("unknown mode {other:?}"))),
+    };
+    Ok(output.to_string())
+}

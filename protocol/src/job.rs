@@ -1,0 +1,242 @@
+//! Jobs: the signed envelope the control plane sends, and the result an agent returns.
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::Manifest;
+use crate::signed::{Signable, Signed};
+
+/// Resource limits for one run. The agent applies the smaller of these and its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Wall-clock deadline for the plugin call, in milliseconds.
+    pub timeout_ms: u64,
+    /// Largest linear memory the plugin may grow to, in bytes.
+    pub memory_bytes: u64,
+    /// Most bytes kept of each of stdout and stderr, and of the returned output.
+    pub output_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            timeout_ms: 60_000,
+            memory_bytes: 256 << 20,
+            output_bytes: 1 << 20,
+        }
+    }
+}
+
+/// A job for one agent, signed by the control-plane key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobEnvelope {
+    /// Unique per job.
+    pub job_id: String,
+    /// The one agent this envelope is for.
+    pub agent_id: String,
+    /// Starts at 1; a retry of the same job to the same agent increments it.
+    pub attempt: u32,
+    /// The plugin to run, with its publisher's signature.
+    pub plugin: Signed<Manifest>,
+    /// The job's parameters, handed to the plugin.
+    pub input: serde_json::Value,
+    /// Limits for the run.
+    pub limits: Limits,
+    /// Not valid before this time, Unix milliseconds.
+    pub not_before_ms: u64,
+    /// Not valid after this time, Unix milliseconds.
+    pub expires_at_ms: u64,
+}
+
+impl Signable for JobEnvelope {
+    const CONTEXT: &'static str = "job-envelope-v1";
+}
+
+/// How a job ended on one agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResultStatus {
+    /// The plugin ran and returned output.
+    Succeeded,
+    /// The plugin ran and failed: an error, a trap, or a limit.
+    Failed,
+    /// The agent refused the job before anything ran.
+    Rejected,
+}
+
+impl ResultStatus {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResultStatus::Succeeded => "succeeded",
+            ResultStatus::Failed => "failed",
+            ResultStatus::Rejected => "rejected",
+        }
+    }
+}
+
+/// Why a job did not succeed. The first group are refusals (nothing ran).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The envelope's signature or encoding is bad.
+    BadEnvelope,
+    /// The envelope is addressed to another agent.
+    Misaddressed,
+    /// The envelope is expired or not yet valid.
+    Stale,
+    /// The envelope was already seen.
+    Replayed,
+    /// The manifest is unsigned, badly signed, signed by an untrusted key, or invalid.
+    UntrustedPlugin,
+    /// The plugin's manifest has expired.
+    ExpiredPlugin,
+    /// The blob's hash or length does not match the manifest.
+    BlobMismatch,
+    /// The blob could not be fetched.
+    FetchFailed,
+    /// The manifest asks for capabilities the agent's policy does not allow.
+    PolicyDenied,
+    /// The component failed to compile or link.
+    CompileFailed,
+    /// The agent is out of capacity or disk.
+    AgentError,
+    /// The plugin returned an error.
+    PluginError,
+    /// The plugin trapped (a panic, an abort, an invalid operation).
+    Trap,
+    /// The wall-clock deadline passed.
+    Timeout,
+    /// The plugin tried to grow memory past the limit.
+    MemoryLimit,
+    /// The plugin's returned output exceeded the output cap.
+    OutputLimit,
+    /// The plugin's returned output is not what its world promises.
+    BadOutput,
+}
+
+impl FailureKind {
+    /// Whether this kind means the job was refused before anything ran.
+    pub fn is_refusal(self) -> bool {
+        matches!(
+            self,
+            FailureKind::BadEnvelope
+                | FailureKind::Misaddressed
+                | FailureKind::Stale
+                | FailureKind::Replayed
+                | FailureKind::UntrustedPlugin
+                | FailureKind::ExpiredPlugin
+                | FailureKind::BlobMismatch
+                | FailureKind::FetchFailed
+                | FailureKind::PolicyDenied
+                | FailureKind::CompileFailed
+                | FailureKind::AgentError
+        )
+    }
+}
+
+/// What went wrong, for the operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// The category.
+    pub kind: FailureKind,
+    /// One sentence saying what happened.
+    pub message: String,
+    /// Whether running the job again unchanged could succeed.
+    #[serde(default)]
+    pub retryable: bool,
+}
+
+/// Captured bytes of one output stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Captured {
+    /// What was kept, as UTF-8 (invalid sequences replaced).
+    pub text: String,
+    /// Bytes the plugin wrote in all.
+    pub total_bytes: u64,
+    /// Whether `text` is shorter than what was written.
+    pub truncated: bool,
+}
+
+/// Where the time went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timings {
+    /// Fetching the blob; 0 when cached.
+    pub fetch_ms: u64,
+    /// Compiling or loading the precompiled component.
+    pub load_ms: u64,
+    /// Whether the precompiled component came from the cache.
+    pub compile_cached: bool,
+    /// Instantiating and running the plugin.
+    pub run_ms: u64,
+}
+
+/// A job's result from one agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobResult {
+    /// The job.
+    pub job_id: String,
+    /// The agent that ran it.
+    pub agent_id: String,
+    /// The attempt this result is for.
+    pub attempt: u32,
+    /// The plugin's name, or empty when the envelope could not be read.
+    pub plugin: String,
+    /// The plugin's version, or 0.
+    pub plugin_version: u64,
+    /// How it ended.
+    pub status: ResultStatus,
+    /// Why it did not succeed.
+    pub failure: Option<Failure>,
+    /// The plugin's output (JSON), when it succeeded.
+    pub output: Option<serde_json::Value>,
+    /// The plugin's stdout.
+    pub stdout: Captured,
+    /// The plugin's stderr.
+    pub stderr: Captured,
+    /// When the agent started on it, Unix milliseconds.
+    pub started_at_ms: u64,
+    /// How long the agent spent on it in all.
+    pub duration_ms: u64,
+    /// Where the time went.
+    pub timings: Timings,
+}
+
+impl JobResult {
+    /// A refusal: nothing ran.
+    pub fn refused(
+        job_id: &str,
+        agent_id: &str,
+        attempt: u32,
+        kind: FailureKind,
+        message: String,
+    ) -> JobResult {
+        JobResult {
+            job_id: job_id.to_string(),
+            agent_id: agent_id.to_string(),
+            attempt,
+            plugin: String::new(),
+            plugin_version: 0,
+            status: ResultStatus::Rejected,
+            failure: Some(Failure {
+                kind,
+                message,
+                retryable: false,
+            }),
+            output: None,
+            stdout: Captured::default(),
+            stderr: Captured::default(),
+            started_at_ms: crate::now_ms(),
+            duration_ms: 0,
+            timings: Timings::default(),
+        }
+    }
+}
+
+/// The control plane's acknowledgement that a result is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultAck {
+    /// The job.
+    pub job_id: String,
+    /// The attempt.
+    pub attempt: u32,
+}

@@ -1,0 +1,35 @@
+//! Wire types, topics and signing shared by `drover-agent` and `drover`.
+//!
+//! - [`topics`]: the MQTT topic layout and agent-id rules.
+//! - [`keys`]: Ed25519 keys on disk and on the wire.
+//! - [`signed`]: signed documents and their one canonical encoding.
+//! - [`manifest`]: plugin manifests and capabilities.
+//! - [`job`]: job envelopes, limits and results.
+//! - [`chunk`]: plugin blobs in chunks.
+//! - [`agent`]: what an agent announces.
+//! - `link` (feature `link`): the MQTT connection with reconnect and backoff.
+//!
+//! Everything here decodes untrusted bytes; nothing here panics on them.
+pub mod agent;
+pub mod chunk;
+pub mod job;
+pub mod keys;
+pub mod manifest;
+pub mod signed;
+pub mod topics;
+
+/// The current time as Unix milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The current time as Unix seconds.
+pub fn now_secs() -> u64 {
+    now_ms() / 1000
+}
+
+#[cfg(feature = "link")]
+pub mod link;

@@ -1,0 +1,174 @@
+//! Signed documents and their one canonical encoding.
+//!
+//! A signed document carries the exact bytes that were signed (`payload`, JSON text) next
+//! to the signature. Verifiers check the signature over those bytes and only then parse
+//! them, so there is no re-serialisation and no canonical-JSON question: the canonical
+//! encoding of a signed value is the payload as sent. The signed message is
+//! `"drover:" + Kind::CONTEXT + "\0" + payload`, so a signature made for one kind of
+//! document (a manifest) can never be passed off as another (a job envelope).
+
+use std::marker::PhantomData;
+
+use base64::Engine as _;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::keys::{PublicKey, SigningKey};
+
+/// A kind of document that can be signed.
+pub trait Signable: Serialize + DeserializeOwned {
+    /// Domain separation: distinct for every kind.
+    const CONTEXT: &'static str;
+}
+
+/// Why a signed document was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SignatureError {
+    /// The signing key is not one the verifier trusts.
+    #[error("signed by an untrusted key {0}")]
+    UnknownKey(String),
+    /// The signature does not match the payload.
+    #[error("bad signature: the document was altered or not signed by {0}")]
+    BadSignature(String),
+    /// There is no signature at all.
+    #[error("the document is not signed")]
+    Unsigned,
+    /// The signature is not valid base64.
+    #[error("malformed signature encoding")]
+    Malformed,
+    /// The payload verified but is not a valid document of this kind.
+    #[error("signed payload is not a valid document: {0}")]
+    Payload(String),
+}
+
+/// A document of kind `T` with its signature.
+#[derive(Serialize, Deserialize)]
+#[serde(bound = "")]
+pub struct Signed<T: Signable> {
+    /// The signed bytes: the document as JSON text.
+    pub payload: String,
+    /// The key that signed it.
+    pub key: PublicKey,
+    /// The Ed25519 signature, base64.
+    pub signature: String,
+    #[serde(skip)]
+    _kind: PhantomData<fn() -> T>,
+}
+
+impl<T: Signable> Clone for Signed<T> {
+    fn clone(&self) -> Self {
+        Signed {
+            payload: self.payload.clone(),
+            key: self.key,
+            signature: self.signature.clone(),
+            _kind: PhantomData,
+        }
+    }
+}
+
+impl<T: Signable> std::fmt::Debug for Signed<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signed")
+            .field("kind", &T::CONTEXT)
+            .field("key", &self.key)
+            .field("payload_len", &self.payload.len())
+            .finish()
+    }
+}
+
+fn message(context: &str, payload: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(8 + context.len() + payload.len());
+    m.extend_from_slice(b"drover:");
+    m.extend_from_slice(context.as_bytes());
+    m.push(0);
+    m.extend_from_slice(payload);
+    m
+}
+
+impl<T: Signable> Signed<T> {
+    /// Serialises and signs `value`.
+    pub fn sign(value: &T, key: &SigningKey) -> Signed<T> {
+        let payload = serde_json::to_string(value).expect("signable types serialise");
+        let sig = key.sign(&message(T::CONTEXT, payload.as_bytes()));
+        Signed {
+            payload,
+            key: key.public(),
+            signature: base64::engine::general_purpose::STANDARD.encode(sig),
+            _kind: PhantomData,
+        }
+    }
+
+    /// Checks the signature against the trusted keys, then parses the payload.
+    pub fn verify(&self, trusted: &[PublicKey]) -> Result<T, SignatureError> {
+        if self.signature.is_empty() {
+            return Err(SignatureError::Unsigned);
+        }
+        if !trusted.contains(&self.key) {
+            return Err(SignatureError::UnknownKey(self.key.short()));
+        }
+        let sig = base64::engine::general_purpose::STANDARD
+            .decode(&self.signature)
+            .map_err(|_| SignatureError::Malformed)?;
+        if !self
+            .key
+            .verify(&message(T::CONTEXT, self.payload.as_bytes()), &sig)
+        {
+            return Err(SignatureError::BadSignature(self.key.short()));
+        }
+        serde_json::from_str(&self.payload).map_err(|e| SignatureError::Payload(e.to_string()))
+    }
+
+    /// Parses the payload without checking anything: for display of documents whose
+    /// signature was already checked, or to explain why one was refused.
+    pub fn unverified(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(&self.payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct Doc {
+        n: u32,
+    }
+    impl Signable for Doc {
+        const CONTEXT: &'static str = "test-doc";
+    }
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct Other {
+        n: u32,
+    }
+    impl Signable for Other {
+        const CONTEXT: &'static str = "test-other";
+    }
+
+    #[test]
+    fn verifies_only_untampered_documents_from_trusted_keys() {
+        let k = SigningKey::generate();
+        let s = Signed::sign(&Doc { n: 7 }, &k);
+        assert_eq!(s.verify(&[k.public()]).unwrap(), Doc { n: 7 });
+
+        let other = SigningKey::generate();
+        assert!(matches!(
+            s.verify(&[other.public()]),
+            Err(SignatureError::UnknownKey(_))
+        ));
+
+        let mut t = s.clone();
+        t.payload = r#"{"n":8}"#.into();
+        assert!(matches!(
+            t.verify(&[k.public()]),
+            Err(SignatureError::BadSignature(_))
+        ));
+
+        // A signature made for one kind does not verify as another.
+        let json = serde_json::to_string(&s).unwrap();
+        let as_other: Signed<Other> = serde_json::from_str(&json).unwrap();
+        assert!(matches!(
+            as_other.verify(&[k.public()]),
+            Err(SignatureError::BadSignature(_))
+        ));
+    }
+}

@@ -1,0 +1,163 @@
+//! The MQTT topic layout, in one place.
+//!
+//! Every agent owns one subtree, `drover/v1/agents/{id}/`. Under it, `up/` carries what the
+//! agent sends and `down/` what it receives. The broker's ACLs (see `drover`'s embedded
+//! broker) are written against these functions, so an agent can reach only its own subtree.
+
+/// The prefix of every Drover topic.
+pub const ROOT: &str = "drover/v1";
+
+/// What an agent sends to the control plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Up {
+    /// `online`/`offline` presence, retained; the last will sets `offline`.
+    Status,
+    /// The agent's announcement: identity, host, version, tags.
+    Hello,
+    /// A job's result.
+    Result,
+    /// A request for a plugin's chunks.
+    Fetch,
+}
+
+/// What the control plane sends to an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Down {
+    /// A signed job envelope. Never retained.
+    Job,
+    /// A chunk of a plugin blob.
+    Chunk,
+    /// The control plane's acknowledgement that a result is stored.
+    Ack,
+}
+
+impl Up {
+    /// The last topic level.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Up::Status => "status",
+            Up::Hello => "hello",
+            Up::Result => "result",
+            Up::Fetch => "fetch",
+        }
+    }
+
+    /// Parses the last topic level.
+    pub fn parse(s: &str) -> Option<Up> {
+        Some(match s {
+            "status" => Up::Status,
+            "hello" => Up::Hello,
+            "result" => Up::Result,
+            "fetch" => Up::Fetch,
+            _ => return None,
+        })
+    }
+}
+
+impl Down {
+    /// The last topic level.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Down::Job => "job",
+            Down::Chunk => "chunk",
+            Down::Ack => "ack",
+        }
+    }
+
+    /// Parses the last topic level.
+    pub fn parse(s: &str) -> Option<Down> {
+        Some(match s {
+            "job" => Down::Job,
+            "chunk" => Down::Chunk,
+            "ack" => Down::Ack,
+            _ => return None,
+        })
+    }
+}
+
+/// `drover/v1/agents/{id}/`: everything one agent may touch lives under this prefix.
+pub fn agent_prefix(agent_id: &str) -> String {
+    format!("{ROOT}/agents/{agent_id}/")
+}
+
+/// The topic an agent publishes `kind` on.
+pub fn up(agent_id: &str, kind: Up) -> String {
+    format!("{ROOT}/agents/{agent_id}/up/{}", kind.as_str())
+}
+
+/// The topic the control plane publishes `kind` on for one agent.
+pub fn down(agent_id: &str, kind: Down) -> String {
+    format!("{ROOT}/agents/{agent_id}/down/{}", kind.as_str())
+}
+
+/// The filter an agent subscribes to: everything sent to it.
+pub fn down_filter(agent_id: &str) -> String {
+    format!("{ROOT}/agents/{agent_id}/down/#")
+}
+
+/// The filter the control plane subscribes to: everything every agent sends.
+pub const UP_FILTER: &str = "drover/v1/agents/+/up/#";
+
+/// Splits an `up` topic into the agent id and the message kind.
+pub fn parse_up(topic: &str) -> Option<(&str, Up)> {
+    let rest = topic.strip_prefix(ROOT)?.strip_prefix("/agents/")?;
+    let (agent, rest) = rest.split_once('/')?;
+    let kind = rest.strip_prefix("up/")?;
+    if !is_valid_agent_id(agent) {
+        return None;
+    }
+    Some((agent, Up::parse(kind)?))
+}
+
+/// Splits a `down` topic into the agent id and the message kind.
+pub fn parse_down(topic: &str) -> Option<(&str, Down)> {
+    let rest = topic.strip_prefix(ROOT)?.strip_prefix("/agents/")?;
+    let (agent, rest) = rest.split_once('/')?;
+    let kind = rest.strip_prefix("down/")?;
+    if !is_valid_agent_id(agent) {
+        return None;
+    }
+    Some((agent, Down::parse(kind)?))
+}
+
+/// Agent ids are 1–64 characters of `[A-Za-z0-9._-]`, never `.` or `..`.
+///
+/// The restriction keeps ids safe as topic levels (no `/`, `+`, `#`), as file names and
+/// as MQTT client ids.
+pub fn is_valid_agent_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn up_topics_round_trip() {
+        for kind in [Up::Status, Up::Hello, Up::Result, Up::Fetch] {
+            let t = up("web-1", kind);
+            assert_eq!(parse_up(&t), Some(("web-1", kind)));
+            assert_eq!(parse_down(&t), None);
+        }
+        for kind in [Down::Job, Down::Chunk, Down::Ack] {
+            let t = down("web-1", kind);
+            assert_eq!(parse_down(&t), Some(("web-1", kind)));
+            assert_eq!(parse_up(&t), None);
+        }
+    }
+
+    #[test]
+    fn hostile_ids_are_refused() {
+        for id in ["", ".", "..", "a/b", "+", "#", "a b", &"x".repeat(65)] {
+            assert!(!is_valid_agent_id(id), "{id:?} accepted");
+        }
+        assert_eq!(parse_up("drover/v1/agents/+/up/result"), None);
+        assert_eq!(parse_up("drover/v1/agents/a/up/result/extra"), None);
+    }
+}

@@ -1,0 +1,528 @@
+//! End to end: the real `drover` and `drover-agent` binaries, a real broker (the embedded
+//! one, and Mosquitto), and real plugins built from `plugins/`.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+
+const INVENTORY_CAPS: &[&str] = &["--host-facts", "--read-path", "/var/lib/dpkg"];
+
+fn setup_inventory(server: &Server, id: &str) -> Agent {
+    server.publish(
+        &plugin("drover-plugin-inventory"),
+        "inventory",
+        1,
+        "inventory-collector",
+        INVENTORY_CAPS,
+        None,
+    );
+    let cfg = server.add_agent(id, &["--tag", "env=test"]);
+    let agent = Agent::start(id, &cfg, server.dir.path());
+    server.wait_online(id);
+    agent
+}
+
+fn check_inventory_result(r: &Value, id: &str) {
+    assert_eq!(r["agent_id"], id);
+    assert_eq!(r["status"], "succeeded", "result: {r:#}");
+    let out = &r["output"];
+    let packages = out["packages"].as_array().expect("packages");
+    assert_eq!(
+        packages.len(),
+        dpkg_package_count(),
+        "package count differs from dpkg-query"
+    );
+    assert!(
+        packages.iter().any(|p| p["name"] == "dpkg"),
+        "dpkg itself is not listed"
+    );
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(out["os"]["hostname"], hostname.trim());
+    assert_eq!(out["os"]["family"], "linux");
+    assert!(!out["os"]["name"].as_str().unwrap_or("").is_empty());
+}
+
+#[test]
+fn inventory_runs_end_to_end_on_the_embedded_broker() {
+    let server = Server::start();
+    let _agent = setup_inventory(&server, "node-1");
+
+    let row = server.agent_row("node-1").unwrap();
+    assert_eq!(row["tags"]["env"], "test");
+    assert_eq!(row["os"], "linux");
+
+    // First run: fetched in chunks, verified, compiled.
+    let (code, results, err) = server.run(&["inventory", "--targets", "node-1"]);
+    assert_eq!(code, 0, "run failed: {err}");
+    assert_eq!(results.len(), 1);
+    check_inventory_result(&results[0], "node-1");
+    assert!(!results[0]["timings"]["compile_cached"].as_bool().unwrap());
+
+    // The stored result is the same one.
+    let job_id = results[0]["job_id"].as_str().unwrap();
+    let view = server.json(&["job", "show", job_id]);
+    let stored = &view["targets"][0]["result"];
+    check_inventory_result(stored, "node-1");
+
+    // Second run, by tag: the compiled plugin comes from the cache, nothing is fetched.
+    let (code, results, err) = server.run(&["inventory", "--targets", "tag:env=test"]);
+    assert_eq!(code, 0, "run failed: {err}");
+    check_inventory_result(&results[0], "node-1");
+    assert!(results[0]["timings"]["compile_cached"].as_bool().unwrap());
+    assert_eq!(results[0]["timings"]["fetch_ms"], 0);
+}
+
+#[test]
+fn inventory_runs_end_to_end_on_mosquitto() {
+    let control_password = "control-secret";
+    let mosq = Mosquitto::start(&[("drover-control", control_password)]);
+    let dir = TempDir::new("mosq-server");
+    let pw = dir.path().join("control.pw");
+    std::fs::write(&pw, control_password).unwrap();
+    let url = mosq.url();
+    let pw_s = pw.display().to_string();
+    let server = Server::start_with(&[
+        "--broker",
+        &url,
+        "--broker-username",
+        "drover-control",
+        "--broker-password-file",
+        &pw_s,
+    ]);
+    assert_eq!(server.broker_url(), url);
+
+    server.publish(
+        &plugin("drover-plugin-inventory"),
+        "inventory",
+        1,
+        "inventory-collector",
+        INVENTORY_CAPS,
+        None,
+    );
+    // The agent's credential is Mosquitto's to check: register the minted one there.
+    let cfg = server.add_agent("mosq-1", &[]);
+    mosq.add_user("mosq-1", &toml_value(&cfg, "password"));
+    let _agent = Agent::start("mosq-1", &cfg, server.dir.path());
+    server.wait_online("mosq-1");
+
+    let (code, results, err) = server.run(&["inventory", "--targets", "mosq-1"]);
+    assert_eq!(code, 0, "run failed: {err}");
+    check_inventory_result(&results[0], "mosq-1");
+}
+
+/// Runs a job expected to fail or be refused, returning its single result.
+fn run_one(server: &Server, args: &[&str]) -> Value {
+    let (code, results, err) = server.run(args);
+    assert_eq!(results.len(), 1, "no result for {args:?}: {err}");
+    let r = results.into_iter().next().unwrap();
+    if r["status"] == "succeeded" {
+        assert_eq!(code, 0);
+    } else {
+        assert_eq!(code, 1, "exit code for a failed job: {err}");
+    }
+    r
+}
+
+fn failure_kind(r: &Value) -> &str {
+    r["failure"]["kind"].as_str().unwrap_or("")
+}
+
+#[test]
+fn sandbox_limits_hold_and_the_agent_carries_on() {
+    let server = Server::start();
+    server.publish(
+        &plugin("drover-plugin-misbehave"),
+        "misbehave",
+        1,
+        "task",
+        &[],
+        None,
+    );
+    let cfg = server.add_agent("box-1", &[]);
+    let mut agent = Agent::start("box-1", &cfg, server.dir.path());
+    server.wait_online("box-1");
+
+    let echo = |server: &Server| {
+        let r = run_one(
+            server,
+            &[
+                "misbehave",
+                "-t",
+                "box-1",
+                "--input",
+                r#"{"mode":"echo","n":1}"#,
+            ],
+        );
+        assert_eq!(r["status"], "succeeded", "{r:#}");
+        assert_eq!(r["output"]["echo"]["n"], 1);
+    };
+    echo(&server);
+
+    // A loop forever is stopped at the deadline.
+    let t = Instant::now();
+    let r = run_one(
+        &server,
+        &[
+            "misbehave",
+            "-t",
+            "box-1",
+            "--timeout",
+            "2s",
+            "--input",
+            r#"{"mode":"spin"}"#,
+        ],
+    );
+    assert_eq!(r["status"], "failed");
+    assert_eq!(failure_kind(&r), "timeout", "{r:#}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "spin took {:?}",
+        t.elapsed()
+    );
+    echo(&server);
+
+    // A guest blocked in a WASI sleep is stopped at the deadline too.
+    let t = Instant::now();
+    let r = run_one(
+        &server,
+        &[
+            "misbehave",
+            "-t",
+            "box-1",
+            "--timeout",
+            "2s",
+            "--input",
+            r#"{"mode":"sleep","seconds":3600}"#,
+        ],
+    );
+    assert_eq!(failure_kind(&r), "timeout", "{r:#}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "sleep took {:?}",
+        t.elapsed()
+    );
+    echo(&server);
+
+    // Growing memory past the limit fails, and says so.
+    let r = run_one(
+        &server,
+        &[
+            "misbehave",
+            "-t",
+            "box-1",
+            "--memory-mib",
+            "32",
+            "--input",
+            r#"{"mode":"grow","mib":256}"#,
+        ],
+    );
+    assert_eq!(r["status"], "failed");
+    assert_eq!(failure_kind(&r), "memory_limit", "{r:#}");
+    assert!(
+        r["failure"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("33554432 byte limit")
+    );
+    echo(&server);
+
+    // A file it was not granted cannot be opened.
+    let r = run_one(
+        &server,
+        &[
+            "misbehave",
+            "-t",
+            "box-1",
+            "--input",
+            r#"{"mode":"open","path":"/etc/hostname"}"#,
+        ],
+    );
+    assert_eq!(r["status"], "failed");
+    assert_eq!(failure_kind(&r), "plugin_error", "{r:#}");
+    assert!(
+        r["failure"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("could not open /etc/hostname")
+    );
+    echo(&server);
+
+    // Megabytes of stdout are capped and flagged, not fatal.
+    let r = run_one(
+        &server,
+        &[
+            "misbehave",
+            "-t",
+            "box-1",
+            "--output-kib",
+            "64",
+            "--input",
+            r#"{"mode":"spew","bytes":8388608}"#,
+        ],
+    );
+    assert_eq!(r["status"], "succeeded", "{r:#}");
+    assert_eq!(r["output"]["written"], 8388608);
+    assert_eq!(r["stdout"]["truncated"], true);
+    assert_eq!(r["stdout"]["total_bytes"], 8388608);
+    assert_eq!(r["stdout"]["text"].as_str().unwrap().len(), 64 * 1024);
+    echo(&server);
+
+    // A trap is a clear failure.
+    let r = run_one(
+        &server,
+        &["misbehave", "-t", "box-1", "--input", r#"{"mode":"trap"}"#],
+    );
+    assert_eq!(failure_kind(&r), "trap", "{r:#}");
+    echo(&server);
+
+    assert!(agent.is_running(), "the agent died: {}", agent.log_text());
+    let log = agent.log_text();
+    assert!(
+        log.contains("deadline"),
+        "timeouts are not in the agent log"
+    );
+}
+
+fn sqlite(server: &Server) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(server.data.join("drover.db")).unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    c
+}
+
+#[test]
+fn rejections_are_clear_and_nothing_runs() {
+    let server = Server::start();
+    let misbehave = plugin("drover-plugin-misbehave");
+    let cfg = server.add_agent("guard-1", &[]);
+    let agent = Agent::start("guard-1", &cfg, server.dir.path());
+    server.wait_online("guard-1");
+    let echo_input = r#"{"mode":"echo"}"#;
+
+    // Signed by a key the agent does not trust.
+    let other_key = server.dir.path().join("other.key");
+    let out = std::process::Command::new(bin("drover"))
+        .args(["--data-dir"])
+        .arg(server.dir.path().join("other-data"))
+        .arg("keygen")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    std::fs::copy(
+        server.dir.path().join("other-data/keys/publisher.key"),
+        &other_key,
+    )
+    .unwrap();
+    server.publish(&misbehave, "stranger", 1, "task", &[], Some(&other_key));
+    let r = run_one(
+        &server,
+        &["stranger", "-t", "guard-1", "--input", echo_input],
+    );
+    assert_eq!(r["status"], "rejected");
+    assert_eq!(failure_kind(&r), "untrusted_plugin");
+    assert!(
+        r["failure"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("untrusted key"),
+        "{r:#}"
+    );
+
+    // Unsigned: the store (which is not trusted either) serves a manifest with no signature.
+    server.publish(&misbehave, "unsigned", 1, "task", &[], None);
+    sqlite(&server)
+        .execute(
+            "UPDATE plugins SET manifest = json_set(manifest, '$.signature', '') WHERE name = 'unsigned'",
+            [],
+        )
+        .unwrap();
+    let r = run_one(
+        &server,
+        &["unsigned", "-t", "guard-1", "--input", echo_input],
+    );
+    assert_eq!(r["status"], "rejected");
+    assert_eq!(failure_kind(&r), "untrusted_plugin");
+    assert!(
+        r["failure"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not signed"),
+        "{r:#}"
+    );
+
+    // A tampered blob: one byte changed after signing.
+    server.publish(&misbehave, "tampered", 1, "task", &[], None);
+    {
+        let db = sqlite(&server);
+        let sha: String = db
+            .query_row(
+                "SELECT sha256 FROM plugins WHERE name = 'tampered'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let mut blob: Vec<u8> = db
+            .query_row("SELECT bytes FROM blobs WHERE sha256 = ?1", [&sha], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        let mid = blob.len() / 2;
+        blob[mid] ^= 0x55;
+        db.execute(
+            "UPDATE blobs SET bytes = ?1 WHERE sha256 = ?2",
+            rusqlite::params![blob, sha],
+        )
+        .unwrap();
+    }
+    let r = run_one(
+        &server,
+        &["tampered", "-t", "guard-1", "--input", echo_input],
+    );
+    assert_eq!(r["status"], "rejected");
+    assert_eq!(failure_kind(&r), "blob_mismatch", "{r:#}");
+    assert!(
+        r["failure"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not match")
+    );
+
+    // A plugin asking for more than the agent's policy allows.
+    server.publish(
+        &misbehave,
+        "greedy",
+        1,
+        "task",
+        &["--read-path", "/etc"],
+        None,
+    );
+    let r = run_one(&server, &["greedy", "-t", "guard-1", "--input", echo_input]);
+    assert_eq!(failure_kind(&r), "policy_denied", "{r:#}");
+    assert!(
+        r["failure"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("read:/etc")
+    );
+
+    let log = agent.log_text();
+    for needle in ["untrusted key", "not signed", "does not match", "read:/etc"] {
+        assert!(log.contains(needle), "agent log lacks {needle:?}:\n{log}");
+    }
+    // Nothing ran: the agent never logged a success.
+    assert!(!log.contains("job succeeded"), "something ran:\n{log}");
+}
+
+#[test]
+fn a_forged_envelope_is_refused_and_reported() {
+    // The test owns the broker: it plays an attacker with full broker access.
+    let control_password = "control-secret";
+    let mosq = Mosquitto::start(&[
+        ("drover-control", control_password),
+        ("attacker", "attacker-secret"),
+    ]);
+    let dir = TempDir::new("forge");
+    let pw = dir.path().join("control.pw");
+    std::fs::write(&pw, control_password).unwrap();
+    let (url, pw_s) = (mosq.url(), pw.display().to_string());
+    let server = Server::start_with(&[
+        "--broker",
+        &url,
+        "--broker-username",
+        "drover-control",
+        "--broker-password-file",
+        &pw_s,
+    ]);
+    server.publish(
+        &plugin("drover-plugin-misbehave"),
+        "misbehave",
+        1,
+        "task",
+        &[],
+        None,
+    );
+    let cfg = server.add_agent("target-1", &[]);
+    mosq.add_user("target-1", &toml_value(&cfg, "password"));
+    let agent = Agent::start("target-1", &cfg, server.dir.path());
+    server.wait_online("target-1");
+
+    // A real envelope, signed by the control plane, for a job of the test's own making.
+    let key = drover_protocol::keys::SigningKey::load(&server.data.join("keys/control-plane.key"))
+        .unwrap();
+    let manifest: Value = server.json(&["plugin", "list"])[0]["manifest"].clone();
+    let manifest = serde_json::from_value(manifest).unwrap();
+    let env = drover_protocol::job::JobEnvelope {
+        job_id: "forged-job-1".into(),
+        agent_id: "target-1".into(),
+        attempt: 1,
+        plugin: manifest,
+        input: serde_json::json!({"mode": "echo", "who": "operator"}),
+        limits: Default::default(),
+        not_before_ms: drover_protocol::now_ms(),
+        expires_at_ms: drover_protocol::now_ms() + 600_000,
+    };
+    let signed = drover_protocol::signed::Signed::sign(&env, &key);
+    // The attacker changes the parameters and keeps the signature.
+    let mut forged = signed.clone();
+    forged.payload = forged.payload.replace("operator", "attacker");
+    assert_ne!(forged.payload, signed.payload);
+    mosq.publish(
+        "attacker",
+        "attacker-secret",
+        "drover/v1/agents/target-1/down/job",
+        &serde_json::to_vec(&forged).unwrap(),
+    );
+
+    // The agent refuses, logs it, and reports it; the operator sees it.
+    let events = wait_for(Duration::from_secs(20), "refusal event", || {
+        let ev = server.json(&["agents", "events", "--agent", "target-1"]);
+        ev.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| {
+                e["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("bad signature")
+            })
+            .then_some(ev)
+    });
+    assert!(events.to_string().contains("forged-job-1"));
+    let log = agent.log_text();
+    assert!(log.contains("bad signature"), "agent log: {log}");
+    assert!(!log.contains("job succeeded"), "the forged job ran: {log}");
+
+    // The genuine envelope is accepted: the refusal was about the forgery, not the job.
+    mosq.publish(
+        "attacker",
+        "attacker-secret",
+        "drover/v1/agents/target-1/down/job",
+        &serde_json::to_vec(&signed).unwrap(),
+    );
+    wait_for(Duration::from_secs(20), "genuine job to run", || {
+        agent.log_text().contains("job succeeded").then_some(())
+    });
+}
+
+#[test]
+fn a_killed_agent_shows_offline_within_ten_seconds() {
+    let server = Server::start();
+    let cfg = server.add_agent("mortal-1", &[]);
+    let mut agent = Agent::start("mortal-1", &cfg, server.dir.path());
+    server.wait_online("mortal-1");
+    let killed = Instant::now();
+    agent.kill9();
+    wait_for(Duration::from_secs(10), "agent offline", || {
+        server
+            .agent_row("mortal-1")
+            .filter(|a| a["online"] == false)
+    });
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(10), "offline after {took:?}");
+
+    // And back online when it returns.
+    agent.restart();
+    server.wait_online("mortal-1");
+}
