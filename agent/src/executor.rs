@@ -10,9 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
-use drover_protocol::job::{
-    Captured, Failure, FailureKind, JobEnvelope, JobResult, ResultStatus, Timings,
-};
+use drover_protocol::job::{Failure, FailureKind, JobEnvelope, JobResult, ResultStatus};
 use drover_protocol::manifest::{Manifest, sha256_hex};
 use drover_protocol::signed::Signed;
 use drover_protocol::topics::{self, Up};
@@ -22,7 +20,7 @@ use tracing::Instrument as _;
 
 use crate::config::Config;
 use crate::fetch::Fetcher;
-use crate::runtime::{Grant, Runtime};
+use crate::runtime::{Grant, RunOutcome, Runtime};
 
 /// How far the agent's clock may be behind the control plane's.
 const CLOCK_SKEW_MS: u64 = 60_000;
@@ -97,12 +95,38 @@ impl Executor {
         let started = Instant::now();
         let started_at_ms = now_ms();
         let result = match self.check_envelope(&payload) {
-            Err(refusal) => refusal,
+            Err(refusal) => *refusal,
             Ok(env) => {
                 let span = tracing::info_span!("job", job.id = %env.job_id, attempt = env.attempt);
-                self.execute(env, started, started_at_ms)
-                    .instrument(span)
-                    .await
+                let mut job = JobResult::refused(
+                    &env.job_id,
+                    &self.config.id,
+                    env.attempt,
+                    FailureKind::AgentError,
+                    String::new(),
+                );
+                job.started_at_ms = started_at_ms;
+                match self.execute(&env, &mut job).instrument(span).await {
+                    Err(failure) => job.failure = Some(failure),
+                    Ok(outcome) => {
+                        job.timings.run_ms = outcome.run_time.as_millis() as u64;
+                        job.stdout = outcome.stdout;
+                        job.stderr = outcome.stderr;
+                        match outcome.output {
+                            Ok(v) => {
+                                job.status = ResultStatus::Succeeded;
+                                job.failure = None;
+                                job.output = Some(v);
+                            }
+                            Err(f) => {
+                                job.status = ResultStatus::Failed;
+                                job.failure = Some(f);
+                            }
+                        }
+                    }
+                }
+                job.duration_ms = started.elapsed().as_millis() as u64;
+                job
             }
         };
         if result.status == ResultStatus::Rejected {
@@ -148,16 +172,16 @@ impl Executor {
     }
 
     /// Checks the envelope: encoding, signature, address, freshness, replay.
-    fn check_envelope(&self, payload: &[u8]) -> Result<JobEnvelope, JobResult> {
+    fn check_envelope(&self, payload: &[u8]) -> Result<JobEnvelope, Box<JobResult>> {
         let me = &self.config.id;
         let signed: Signed<JobEnvelope> = serde_json::from_slice(payload).map_err(|e| {
-            JobResult::refused(
+            Box::new(JobResult::refused(
                 "",
                 me,
                 0,
                 FailureKind::BadEnvelope,
                 format!("job envelope is not valid JSON: {e}"),
-            )
+            ))
         })?;
         // Until the signature checks out, the envelope's own claims are only used to say
         // which job a refusal is about.
@@ -167,7 +191,13 @@ impl Executor {
             .map(|e| (e.job_id.clone(), e.attempt))
             .unwrap_or_default();
         let refuse = |kind, message: String| {
-            JobResult::refused(&claimed_id, me, claimed_attempt, kind, message)
+            Box::new(JobResult::refused(
+                &claimed_id,
+                me,
+                claimed_attempt,
+                kind,
+                message,
+            ))
         };
         let env = signed.verify(&self.config.control_plane).map_err(|e| {
             refuse(
@@ -212,111 +242,63 @@ impl Executor {
         Ok(env)
     }
 
-    async fn execute(&self, env: JobEnvelope, started: Instant, started_at_ms: u64) -> JobResult {
-        let me = self.config.id.clone();
-        let mut timings = Timings::default();
-        let finish = |status: ResultStatus,
-                      failure: Option<Failure>,
-                      output: Option<serde_json::Value>,
-                      stdout: Captured,
-                      stderr: Captured,
-                      timings: Timings,
-                      plugin: &str,
-                      version: u64| JobResult {
-            job_id: env.job_id.clone(),
-            agent_id: me.clone(),
-            attempt: env.attempt,
-            plugin: plugin.to_string(),
-            plugin_version: version,
-            status,
-            failure,
-            output,
-            stdout,
-            stderr,
-            started_at_ms,
-            duration_ms: started.elapsed().as_millis() as u64,
-            timings,
+    /// Verifies, fetches, loads and runs the plugin. Fills `job` (the plugin's name and
+    /// version, timings) as it learns them; an `Err` means nothing ran.
+    async fn execute(&self, env: &JobEnvelope, job: &mut JobResult) -> Result<RunOutcome, Failure> {
+        let refuse = |kind, message: String| Failure {
+            kind,
+            message,
+            retryable: false,
         };
-        let refuse = |kind, message: String, plugin: &str, version: u64| {
-            finish(
-                ResultStatus::Rejected,
-                Some(Failure {
-                    kind,
-                    message,
-                    retryable: false,
-                }),
-                None,
-                Captured::default(),
-                Captured::default(),
-                Timings::default(),
-                plugin,
-                version,
+        // Until the manifest verifies, its claims only label the refusal.
+        if let Ok(m) = env.plugin.unverified() {
+            job.plugin = m.name;
+            job.plugin_version = m.version;
+        }
+        let manifest: Manifest = env.plugin.verify(&self.config.publishers).map_err(|e| {
+            refuse(
+                FailureKind::UntrustedPlugin,
+                format!("plugin manifest refused: {e}"),
             )
-        };
-
-        // The plugin: signed by a trusted publisher, valid, allowed by policy.
-        let claimed = env.plugin.unverified().ok();
-        let (cname, cversion) = claimed
-            .as_ref()
-            .map(|m| (m.name.clone(), m.version))
-            .unwrap_or_default();
-        let manifest: Manifest = match env.plugin.verify(&self.config.publishers) {
-            Ok(m) => m,
-            Err(e) => {
-                return refuse(
-                    FailureKind::UntrustedPlugin,
-                    format!("plugin manifest refused: {e}"),
-                    &cname,
-                    cversion,
-                );
-            }
-        };
-        let (name, version) = (manifest.name.clone(), manifest.version);
-        if let Err(e) = manifest.validate() {
-            return refuse(
+        })?;
+        manifest.validate().map_err(|e| {
+            refuse(
                 FailureKind::UntrustedPlugin,
                 format!("plugin manifest invalid: {e}"),
-                &name,
-                version,
-            );
-        }
-        let capabilities = match self.config.policy.grant(&manifest.capabilities) {
-            Ok(c) => c,
-            Err(missing) => {
-                return refuse(
+            )
+        })?;
+        let capabilities = self
+            .config
+            .policy
+            .grant(&manifest.capabilities)
+            .map_err(|missing| {
+                refuse(
                     FailureKind::PolicyDenied,
                     format!(
                         "plugin asks for capabilities this agent's policy does not allow: {}",
                         missing.join(", ")
                     ),
-                    &name,
-                    version,
-                );
-            }
-        };
+                )
+            })?;
         let cached = self.runtime.is_cached(&manifest.sha256);
         // Expiry stops new installs, never a plugin already installed.
         if !cached && now_secs() > manifest.expires_at {
-            return refuse(
+            return Err(refuse(
                 FailureKind::ExpiredPlugin,
                 format!(
                     "plugin manifest expired {} s ago; it cannot be installed",
                     now_secs() - manifest.expires_at
                 ),
-                &name,
-                version,
-            );
+            ));
         }
         if manifest.length > self.config.max_plugin_bytes {
-            return refuse(
+            return Err(refuse(
                 FailureKind::PolicyDenied,
                 format!(
                     "plugin is {} bytes, over this agent's {} byte limit",
                     manifest.length, self.config.max_plugin_bytes
                 ),
-                &name,
-                version,
-            );
+            ));
         }
 
         // The blob: from the cache, else fetched and checked.
@@ -324,103 +306,73 @@ impl Executor {
         let mut fetched: Option<Vec<u8>> = None;
         if !cached && !blob_path.exists() {
             let t = Instant::now();
-            let blob = match self
+            let blob = self
                 .fetcher
                 .fetch(
                     &self.link,
-                    &me,
+                    &self.config.id,
                     &manifest.sha256,
                     manifest.length,
                     self.config.chunk_size,
                 )
                 .await
-            {
-                Ok(b) => b,
-                Err(e) => {
-                    return refuse(FailureKind::FetchFailed, e.to_string(), &name, version);
-                }
-            };
-            timings.fetch_ms = t.elapsed().as_millis() as u64;
-            if let Err(msg) = check_blob(&manifest, &blob) {
-                return refuse(FailureKind::BlobMismatch, msg, &name, version);
-            }
+                .map_err(|e| refuse(FailureKind::FetchFailed, e.to_string()))?;
+            job.timings.fetch_ms = t.elapsed().as_millis() as u64;
+            check_blob(&manifest, &blob).map_err(|m| refuse(FailureKind::BlobMismatch, m))?;
             if let Err(e) = crate::runtime::write_atomic(&blob_path, &blob) {
                 tracing::warn!(path = %blob_path.display(), error = %e, "could not cache plugin blob");
             }
             fetched = Some(blob);
         }
 
+        // Compiling is CPU-bound: keep it off the async workers.
         let t = Instant::now();
         let runtime = self.runtime.clone();
-        let sha = manifest.sha256.clone();
-        let world = manifest.world;
-        let m2 = manifest.clone();
+        let m = manifest.clone();
+        let path = blob_path.clone();
         let loaded = tokio::task::spawn_blocking(move || {
+            let (sha, world) = (m.sha256.clone(), m.world);
             runtime.load(&sha, world, move || {
                 if let Some(b) = fetched {
                     return Ok(b);
                 }
                 // Cached blobs are checked again: the disk is not the signer.
-                let b = std::fs::read(&blob_path)?;
-                check_blob(&m2, &b).map_err(anyhow::Error::msg)?;
+                let b = std::fs::read(&path)?;
+                check_blob(&m, &b).map_err(anyhow::Error::msg)?;
                 Ok(b)
             })
         })
-        .await;
-        let (plugin, from_cache) = match loaded {
-            Ok(Ok(p)) => p,
-            Ok(Err(f)) => {
-                if f.kind == FailureKind::AgentError {
-                    // The cached blob was bad: drop it so the next attempt fetches again.
-                    let _ = std::fs::remove_file(
-                        self.blob_dir.join(format!("{}.wasm", manifest.sha256)),
-                    );
-                }
-                return refuse(f.kind, f.message, &name, version);
+        .await
+        .map_err(|e| {
+            refuse(
+                FailureKind::AgentError,
+                format!("plugin load task failed: {e}"),
+            )
+        })?;
+        let (plugin, from_cache) = loaded.inspect_err(|f| {
+            if f.kind == FailureKind::AgentError {
+                // A bad cached blob: drop it so the next attempt fetches afresh.
+                let _ = std::fs::remove_file(&blob_path);
             }
-            Err(e) => {
-                return refuse(
-                    FailureKind::AgentError,
-                    format!("plugin load task failed: {e}"),
-                    &name,
-                    version,
-                );
-            }
-        };
-        timings.load_ms = t.elapsed().as_millis() as u64;
-        timings.compile_cached = from_cache;
+        })?;
+        job.timings.load_ms = t.elapsed().as_millis() as u64;
+        job.timings.compile_cached = from_cache;
 
         let grant = Grant {
             capabilities,
             limits: self.config.clamp(env.limits),
         };
-        let outcome = self
+        Ok(self
             .runtime
-            .run(&plugin, &me, &env.job_id, &name, &env.input, &grant)
-            .await;
-        timings.run_ms = outcome.run_time.as_millis() as u64;
-        match outcome.output {
-            Ok(v) => finish(
-                ResultStatus::Succeeded,
-                None,
-                Some(v),
-                outcome.stdout,
-                outcome.stderr,
-                timings,
-                &name,
-                version,
-            ),
-            Err(f) => finish(
-                ResultStatus::Failed,
-                Some(f),
-                None,
-                outcome.stdout,
-                outcome.stderr,
-                timings,
-                &name,
-                version,
-            ),
-        }
+            .run(
+                &plugin,
+                &self.config.id,
+                &env.job_id,
+                &manifest.name,
+                &env.input,
+                &grant,
+            )
+            .await)
     }
 }
 

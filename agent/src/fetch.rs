@@ -15,10 +15,13 @@ const CHUNK_WAIT: Duration = Duration::from_secs(10);
 /// How many times to ask again for missing chunks.
 const ROUNDS: u32 = 3;
 
+/// Where one fetch receives its chunks.
+type ChunkSender = mpsc::Sender<(ChunkHeader, Bytes)>;
+
 /// Routes chunk messages to the fetch that asked for them.
 #[derive(Clone, Default)]
 pub struct Fetcher {
-    pending: Arc<Mutex<HashMap<String, mpsc::Sender<(ChunkHeader, Bytes)>>>>,
+    pending: Arc<Mutex<HashMap<String, ChunkSender>>>,
 }
 
 /// Why a fetch failed.

@@ -81,9 +81,8 @@ impl Authenticator for BrokerAuth {
                 .then_some(Principal::Control);
         }
         match self.store.broker_user(username) {
-            Ok(Some((role, salt, stored))) if role == "agent" => {
-                (hash(&salt, password) == stored).then(|| Principal::Agent(username.to_string()))
-            }
+            Ok(Some(user)) if user.role == "agent" => (hash(&user.salt, password) == user.hash)
+                .then(|| Principal::Agent(username.to_string())),
             Ok(_) => None,
             Err(e) => {
                 tracing::error!(%client_id, error = %format!("{e:#}"), "credential lookup failed");

@@ -4,7 +4,7 @@
 //! - [`embedded`]: the embedded MQTT broker, with per-client auth and topic ACLs.
 //! - [`credentials`]: broker credentials, checked against the store.
 //! - [`control`]: the control plane: signed job envelopes, plugin chunks, results.
-//! - [`store`]: SQLite.
+//! - [`store`]: the SQLite store of agents, plugins, jobs and results.
 //! - [`api`]: the HTTP API.
 //! - [`client`]: the CLI's HTTP client.
 //! - [`cli`]: the command line.

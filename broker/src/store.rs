@@ -178,6 +178,17 @@ pub struct EventRow {
     pub message: String,
 }
 
+/// A stored broker credential.
+#[derive(Debug, Clone)]
+pub struct BrokerUser {
+    /// `agent`.
+    pub role: String,
+    /// Random salt.
+    pub salt: Vec<u8>,
+    /// SHA-256 of salt and password.
+    pub hash: Vec<u8>,
+}
+
 /// What recording a result did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recorded {
@@ -315,17 +326,20 @@ impl Store {
         Ok(())
     }
 
-    /// A broker credential: (role, salt, hash).
-    pub fn broker_user(
-        &self,
-        username: &str,
-    ) -> anyhow::Result<Option<(String, Vec<u8>, Vec<u8>)>> {
+    /// A broker credential.
+    pub fn broker_user(&self, username: &str) -> anyhow::Result<Option<BrokerUser>> {
         Ok(self
             .conn()
             .query_row(
                 "SELECT role, salt, hash FROM broker_users WHERE username = ?1",
                 params![username],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| {
+                    Ok(BrokerUser {
+                        role: r.get(0)?,
+                        salt: r.get(1)?,
+                        hash: r.get(2)?,
+                    })
+                },
             )
             .optional()?)
     }

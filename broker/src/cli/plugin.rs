@@ -83,7 +83,7 @@ fn sign(ctx: &Ctx, a: SignArgs) -> anyhow::Result<i32> {
     let bytes = std::fs::read(&a.wasm).with_context(|| format!("reading {}", a.wasm.display()))?;
     let key_path = a.key.unwrap_or_else(|| ctx.data.publisher_key());
     let key = SigningKey::load(&key_path)
-        .with_context(|| format!("loading the publisher key (run `drover keygen` first)"))?;
+        .context("loading the publisher key (run `drover keygen` first)")?;
     let now = drover_protocol::now_secs();
     let manifest = Manifest {
         name: a.name,
