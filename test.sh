@@ -26,7 +26,8 @@ fi
 # ports and never touch it.
 
 echo "test.sh: building plugins (wasm32-wasip2)" >&2
-(cd plugins && cargo build --release --locked)
+# Plugins build into plugins/target whatever CARGO_TARGET_DIR says: the tests look there.
+(cd plugins && CARGO_TARGET_DIR=target cargo build --release --locked)
 echo "test.sh: building binaries" >&2
 cargo build --workspace --bins --locked
 echo "test.sh: running tests" >&2
