@@ -19,8 +19,11 @@ use crate::runtime::Runtime;
 /// The agent's version, announced in `Hello`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Room for MQTT headers and the chunk frame header on top of a chunk.
-const PACKET_OVERHEAD: usize = 16 * 1024;
+/// Largest message the agent accepts: far above envelopes and chunks, because an
+/// oversized packet would kill the connection and come back with the session.
+const MAX_INCOMING: usize = 16 << 20;
+/// Largest message the agent sends: a result with full output and capped streams.
+const MAX_OUTGOING: usize = 16 << 20;
 
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -55,7 +58,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .clone()
             .map(|p| (config.username.clone(), p)),
         keep_alive: config.keep_alive,
-        max_packet_size: config.chunk_size as usize + PACKET_OVERHEAD,
+        max_incoming_packet: MAX_INCOMING,
+        max_outgoing_packet: MAX_OUTGOING,
         persistent_session: true,
         last_will: Some(Publication {
             topic: status_topic.clone(),

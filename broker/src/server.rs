@@ -19,8 +19,9 @@ use crate::embedded::{BrokerConfig, EmbeddedBroker, TlsListener};
 use crate::paths::DataDir;
 use crate::store::Store;
 
-/// The largest MQTT packet the control plane and embedded broker accept.
-pub const MAX_PACKET: usize = 2 << 20;
+/// The largest MQTT packet the control plane and embedded broker accept: a result with
+/// full output and capped streams fits.
+pub const MAX_PACKET: usize = 16 << 20;
 
 /// How to run the server.
 #[derive(Debug, Clone)]
@@ -106,7 +107,8 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
             client_id: CONTROL_USER.to_string(),
             credentials,
             keep_alive: Duration::from_secs(15),
-            max_packet_size: MAX_PACKET,
+            max_incoming_packet: MAX_PACKET,
+            max_outgoing_packet: MAX_PACKET,
             persistent_session: true,
             last_will: None,
             subscriptions: vec![topics::UP_FILTER.to_string()],

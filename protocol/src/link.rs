@@ -95,9 +95,11 @@ pub struct LinkOptions {
     pub credentials: Option<(String, String)>,
     /// Keep-alive interval: how fast a dead link is noticed.
     pub keep_alive: Duration,
-    /// Largest packet accepted or sent. Larger incoming packets kill the connection, so
-    /// this must exceed the largest chunk plus headers.
-    pub max_packet_size: usize,
+    /// Largest packet accepted. A larger incoming packet kills the connection (and a
+    /// persistent session redelivers it forever), so be generous.
+    pub max_incoming_packet: usize,
+    /// Largest packet sent; larger publishes fail.
+    pub max_outgoing_packet: usize,
     /// Whether to keep the session (and queued QoS 1 messages) across disconnects.
     pub persistent_session: bool,
     /// Published by the broker if the connection dies.
@@ -207,7 +209,7 @@ pub fn spawn(
     );
     mqtt.set_keep_alive(opts.keep_alive)
         .set_clean_session(!opts.persistent_session)
-        .set_max_packet_size(opts.max_packet_size, opts.max_packet_size)
+        .set_max_packet_size(opts.max_incoming_packet, opts.max_outgoing_packet)
         .set_inflight(100)
         .set_request_channel_capacity(1024);
     if let Some((user, pass)) = &opts.credentials {

@@ -77,22 +77,9 @@ fn inventory_runs_end_to_end_on_the_embedded_broker() {
 
 #[test]
 fn inventory_runs_end_to_end_on_mosquitto() {
-    let control_password = "control-secret";
-    let mosq = Mosquitto::start(&[("drover-control", control_password)]);
-    let dir = TempDir::new("mosq-server");
-    let pw = dir.path().join("control.pw");
-    std::fs::write(&pw, control_password).unwrap();
-    let url = mosq.url();
-    let pw_s = pw.display().to_string();
-    let server = Server::start_with(&[
-        "--broker",
-        &url,
-        "--broker-username",
-        "drover-control",
-        "--broker-password-file",
-        &pw_s,
-    ]);
-    assert_eq!(server.broker_url(), url);
+    let mosq = Mosquitto::start(&[("drover-control", "control-secret")]);
+    let server = server_on(&mosq, "control-secret");
+    assert_eq!(server.broker_url(), mosq.url());
 
     server.publish(
         &plugin("drover-plugin-inventory"),
@@ -418,23 +405,11 @@ fn rejections_are_clear_and_nothing_runs() {
 #[test]
 fn a_forged_envelope_is_refused_and_reported() {
     // The test owns the broker: it plays an attacker with full broker access.
-    let control_password = "control-secret";
     let mosq = Mosquitto::start(&[
-        ("drover-control", control_password),
+        ("drover-control", "control-secret"),
         ("attacker", "attacker-secret"),
     ]);
-    let dir = TempDir::new("forge");
-    let pw = dir.path().join("control.pw");
-    std::fs::write(&pw, control_password).unwrap();
-    let (url, pw_s) = (mosq.url(), pw.display().to_string());
-    let server = Server::start_with(&[
-        "--broker",
-        &url,
-        "--broker-username",
-        "drover-control",
-        "--broker-password-file",
-        &pw_s,
-    ]);
+    let server = server_on(&mosq, "control-secret");
     server.publish(
         &plugin("drover-plugin-misbehave"),
         "misbehave",
@@ -525,4 +500,33 @@ fn a_killed_agent_shows_offline_within_ten_seconds() {
     // And back online when it returns.
     agent.restart();
     server.wait_online("mortal-1");
+}
+
+#[test]
+fn plugins_reach_agents_through_a_broker_with_a_small_message_limit() {
+    // Mosquitto refuses any packet over 16 KiB; the plugin is about 128 KiB.
+    let mosq = Mosquitto::start_limited(&[("drover-control", "control-secret")], 16 * 1024);
+    let server = server_on(&mosq, "control-secret");
+    let wasm = plugin("drover-plugin-misbehave");
+    assert!(std::fs::metadata(&wasm).unwrap().len() > 64 * 1024);
+    server.publish(&wasm, "misbehave", 1, "task", &[], None);
+    let cfg = server.add_agent("small-1", &[]);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("chunk_size = 4096\n{text}")).unwrap();
+    mosq.add_user("small-1", &toml_value(&cfg, "password"));
+    let agent = Agent::start("small-1", &cfg, server.dir.path());
+    server.wait_online("small-1");
+
+    let r = run_one(
+        &server,
+        &[
+            "misbehave",
+            "-t",
+            "small-1",
+            "--input",
+            r#"{"mode":"echo"}"#,
+        ],
+    );
+    assert_eq!(r["status"], "succeeded", "{r:#}\n{}", agent.log_text());
+    assert!(!r["timings"]["compile_cached"].as_bool().unwrap());
 }

@@ -56,9 +56,12 @@ pub enum Command {
     /// Sign, publish and list plugins.
     #[command(subcommand)]
     Plugin(plugin::PluginCommand),
-    /// List and add agents.
-    #[command(subcommand)]
-    Agents(agents::AgentsCommand),
+    /// List agents (the default), add them, show their events.
+    Agents {
+        /// What to do; `list` when absent.
+        #[command(subcommand)]
+        command: Option<agents::AgentsCommand>,
+    },
     /// Run a plugin on agents and print each result as it arrives.
     Run(run::RunArgs),
     /// Show a job and its results.
@@ -95,7 +98,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Serve(a) => serve::run(&ctx, a),
         Command::Keygen(a) => keygen::run(&ctx, a),
         Command::Plugin(c) => plugin::run(&ctx, c),
-        Command::Agents(c) => agents::run(&ctx, c),
+        Command::Agents { command } => {
+            agents::run(&ctx, command.unwrap_or(agents::AgentsCommand::List))
+        }
         Command::Run(a) => run::run(&ctx, a),
         Command::Job(c) => run::job(&ctx, c),
     }

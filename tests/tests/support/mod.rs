@@ -420,6 +420,11 @@ fn mosquitto_bin(name: &str) -> PathBuf {
 impl Mosquitto {
     /// Starts Mosquitto with these users.
     pub fn start(users: &[(&str, &str)]) -> Mosquitto {
+        Mosquitto::start_limited(users, 16 << 20)
+    }
+
+    /// Starts Mosquitto with these users, refusing packets over `max_packet` bytes.
+    pub fn start_limited(users: &[(&str, &str)], max_packet: usize) -> Mosquitto {
         let dir = TempDir::new("mosquitto");
         let port = free_port();
         let passwd = dir.path().join("passwd");
@@ -431,8 +436,8 @@ impl Mosquitto {
         let mut f = fs::File::create(&conf).unwrap();
         writeln!(
             f,
-            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nset_tcp_nodelay true\npersistence false\nmax_packet_size 2097152\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice",
-            passwd.display()
+            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nset_tcp_nodelay true\npersistence false\nmax_packet_size {max_packet}\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice",
+            passwd.display(),
         )
         .unwrap();
         drop(f);
@@ -522,6 +527,22 @@ impl Drop for Mosquitto {
 /// Lossy UTF-8.
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
+}
+
+/// Starts a server on `mosq` with the given control password.
+pub fn server_on(mosq: &Mosquitto, control_password: &str) -> Server {
+    let dir = TempDir::new("control-pw");
+    let pw = dir.path().join("control.pw");
+    fs::write(&pw, control_password).unwrap();
+    let (url, pw_s) = (mosq.url(), pw.display().to_string());
+    Server::start_with(&[
+        "--broker",
+        &url,
+        "--broker-username",
+        "drover-control",
+        "--broker-password-file",
+        &pw_s,
+    ])
 }
 
 /// The number of packages `dpkg-query` lists, the ground truth for inventory.
