@@ -20,7 +20,7 @@ use tracing::Instrument as _;
 
 use crate::config::Config;
 use crate::fetch::Fetcher;
-use crate::runtime::{Grant, RunOutcome, Runtime};
+use crate::runtime::{Grant, RunOutcome, RunRequest, Runtime};
 
 /// How far the agent's clock may be behind the control plane's.
 const CLOCK_SKEW_MS: u64 = 60_000;
@@ -362,17 +362,14 @@ impl Executor {
             capabilities,
             limits: self.config.clamp(env.limits),
         };
-        Ok(self
-            .runtime
-            .run(
-                &plugin,
-                &self.config.id,
-                &env.job_id,
-                &manifest.name,
-                &env.input,
-                &grant,
-            )
-            .await)
+        let req = RunRequest {
+            agent_id: &self.config.id,
+            job_id: &env.job_id,
+            plugin_name: &manifest.name,
+            input: &env.input,
+            grant: &grant,
+        };
+        Ok(self.runtime.run(&plugin, &req).await)
     }
 }
 

@@ -80,7 +80,7 @@ fn main() -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         let s = shutdown.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            drover_protocol::link::terminated().await;
             s.cancel();
         });
         drover_agent::run(config, shutdown).await
@@ -89,16 +89,4 @@ fn main() -> anyhow::Result<()> {
         tracing::error!("{e:#}");
         e
     })
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

@@ -174,6 +174,28 @@ pub struct RunOutcome {
     pub run_time: Duration,
 }
 
+/// One run: who asked, with what, under which grant.
+#[derive(Debug, Clone, Copy)]
+pub struct RunRequest<'a> {
+    /// This agent's id, for the host-facts import.
+    pub agent_id: &'a str,
+    /// The job, for log lines.
+    pub job_id: &'a str,
+    /// The plugin's name, for log lines.
+    pub plugin_name: &'a str,
+    /// The job's input.
+    pub input: &'a serde_json::Value,
+    /// What the run may use.
+    pub grant: &'a Grant,
+}
+
+/// Where a run's side channels land.
+struct Sinks {
+    stdout: CappedPipe,
+    stderr: CappedPipe,
+    memory_limit_hit: Arc<AtomicBool>,
+}
+
 /// What a run is allowed.
 #[derive(Debug, Clone)]
 pub struct Grant {
@@ -381,56 +403,38 @@ impl Runtime {
         }
     }
 
-    /// Runs a loaded plugin with `input` under `grant`.
-    pub async fn run(
-        &self,
-        plugin: &LoadedPlugin,
-        agent_id: &str,
-        job_id: &str,
-        plugin_name: &str,
-        input: &serde_json::Value,
-        grant: &Grant,
-    ) -> RunOutcome {
+    /// Runs a loaded plugin.
+    pub async fn run(&self, plugin: &LoadedPlugin, req: &RunRequest<'_>) -> RunOutcome {
         let started = Instant::now();
-        let out_cap = grant.limits.output_bytes as usize;
-        let stdout = CappedPipe::new(out_cap);
-        let stderr = CappedPipe::new(out_cap);
-        let mem_hit = Arc::new(AtomicBool::new(false));
-
-        let output = self
-            .run_inner(
-                plugin,
-                agent_id,
-                job_id,
-                plugin_name,
-                input,
-                grant,
-                &stdout,
-                &stderr,
-                &mem_hit,
-            )
-            .await;
+        let out_cap = req.grant.limits.output_bytes as usize;
+        let sinks = Sinks {
+            stdout: CappedPipe::new(out_cap),
+            stderr: CappedPipe::new(out_cap),
+            memory_limit_hit: Arc::new(AtomicBool::new(false)),
+        };
+        let output = self.run_inner(plugin, req, &sinks).await;
         RunOutcome {
             output,
-            stdout: stdout.captured(),
-            stderr: stderr.captured(),
+            stdout: sinks.stdout.captured(),
+            stderr: sinks.stderr.captured(),
             run_time: started.elapsed(),
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn run_inner(
         &self,
         plugin: &LoadedPlugin,
-        agent_id: &str,
-        job_id: &str,
-        plugin_name: &str,
-        input: &serde_json::Value,
-        grant: &Grant,
-        stdout: &CappedPipe,
-        stderr: &CappedPipe,
-        mem_hit: &Arc<AtomicBool>,
+        req: &RunRequest<'_>,
+        sinks: &Sinks,
     ) -> Result<serde_json::Value, Failure> {
+        let RunRequest {
+            agent_id,
+            job_id,
+            plugin_name,
+            input,
+            grant,
+        } = *req;
+        let (stdout, stderr, mem_hit) = (&sinks.stdout, &sinks.stderr, &sinks.memory_limit_hit);
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(stdout.clone()).stderr(stderr.clone());
         for path in &grant.capabilities.read_paths {

@@ -132,80 +132,35 @@ fn sandbox_limits_hold_and_the_agent_carries_on() {
     let mut agent = Agent::start("box-1", &cfg, server.dir.path());
     server.wait_online("box-1");
 
-    let echo = |server: &Server| {
-        let r = run_one(
-            server,
-            &[
-                "misbehave",
-                "-t",
-                "box-1",
-                "--input",
-                r#"{"mode":"echo","n":1}"#,
-            ],
-        );
+    let misbehave = |input: &str, flags: &[&str]| {
+        let mut args = vec!["misbehave", "-t", "box-1", "--input", input];
+        args.extend_from_slice(flags);
+        run_one(&server, &args)
+    };
+    // After every hostile run, the same agent still runs the next job.
+    let echo = || {
+        let r = misbehave(r#"{"mode":"echo","n":1}"#, &[]);
         assert_eq!(r["status"], "succeeded", "{r:#}");
         assert_eq!(r["output"]["echo"]["n"], 1);
     };
-    echo(&server);
+    echo();
 
-    // A loop forever is stopped at the deadline.
-    let t = Instant::now();
-    let r = run_one(
-        &server,
-        &[
-            "misbehave",
-            "-t",
-            "box-1",
-            "--timeout",
-            "2s",
-            "--input",
-            r#"{"mode":"spin"}"#,
-        ],
-    );
-    assert_eq!(r["status"], "failed");
-    assert_eq!(failure_kind(&r), "timeout", "{r:#}");
-    assert!(
-        t.elapsed() < Duration::from_secs(10),
-        "spin took {:?}",
-        t.elapsed()
-    );
-    echo(&server);
-
-    // A guest blocked in a WASI sleep is stopped at the deadline too.
-    let t = Instant::now();
-    let r = run_one(
-        &server,
-        &[
-            "misbehave",
-            "-t",
-            "box-1",
-            "--timeout",
-            "2s",
-            "--input",
-            r#"{"mode":"sleep","seconds":3600}"#,
-        ],
-    );
-    assert_eq!(failure_kind(&r), "timeout", "{r:#}");
-    assert!(
-        t.elapsed() < Duration::from_secs(10),
-        "sleep took {:?}",
-        t.elapsed()
-    );
-    echo(&server);
+    // A loop forever, and a guest blocked in a WASI sleep, are stopped at the deadline.
+    for input in [r#"{"mode":"spin"}"#, r#"{"mode":"sleep","seconds":3600}"#] {
+        let t = Instant::now();
+        let r = misbehave(input, &["--timeout", "2s"]);
+        assert_eq!(r["status"], "failed");
+        assert_eq!(failure_kind(&r), "timeout", "{input}: {r:#}");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{input} took {:?}",
+            t.elapsed()
+        );
+        echo();
+    }
 
     // Growing memory past the limit fails, and says so.
-    let r = run_one(
-        &server,
-        &[
-            "misbehave",
-            "-t",
-            "box-1",
-            "--memory-mib",
-            "32",
-            "--input",
-            r#"{"mode":"grow","mib":256}"#,
-        ],
-    );
+    let r = misbehave(r#"{"mode":"grow","mib":256}"#, &["--memory-mib", "32"]);
     assert_eq!(r["status"], "failed");
     assert_eq!(failure_kind(&r), "memory_limit", "{r:#}");
     assert!(
@@ -214,19 +169,10 @@ fn sandbox_limits_hold_and_the_agent_carries_on() {
             .unwrap()
             .contains("33554432 byte limit")
     );
-    echo(&server);
+    echo();
 
     // A file it was not granted cannot be opened.
-    let r = run_one(
-        &server,
-        &[
-            "misbehave",
-            "-t",
-            "box-1",
-            "--input",
-            r#"{"mode":"open","path":"/etc/hostname"}"#,
-        ],
-    );
+    let r = misbehave(r#"{"mode":"open","path":"/etc/hostname"}"#, &[]);
     assert_eq!(r["status"], "failed");
     assert_eq!(failure_kind(&r), "plugin_error", "{r:#}");
     assert!(
@@ -235,40 +181,28 @@ fn sandbox_limits_hold_and_the_agent_carries_on() {
             .unwrap()
             .contains("could not open /etc/hostname")
     );
-    echo(&server);
+    echo();
 
     // Megabytes of stdout are capped and flagged, not fatal.
-    let r = run_one(
-        &server,
-        &[
-            "misbehave",
-            "-t",
-            "box-1",
-            "--output-kib",
-            "64",
-            "--input",
-            r#"{"mode":"spew","bytes":8388608}"#,
-        ],
+    let r = misbehave(
+        r#"{"mode":"spew","bytes":8388608}"#,
+        &["--output-kib", "64"],
     );
     assert_eq!(r["status"], "succeeded", "{r:#}");
     assert_eq!(r["output"]["written"], 8388608);
     assert_eq!(r["stdout"]["truncated"], true);
     assert_eq!(r["stdout"]["total_bytes"], 8388608);
     assert_eq!(r["stdout"]["text"].as_str().unwrap().len(), 64 * 1024);
-    echo(&server);
+    echo();
 
     // A trap is a clear failure.
-    let r = run_one(
-        &server,
-        &["misbehave", "-t", "box-1", "--input", r#"{"mode":"trap"}"#],
-    );
+    let r = misbehave(r#"{"mode":"trap"}"#, &[]);
     assert_eq!(failure_kind(&r), "trap", "{r:#}");
-    echo(&server);
+    echo();
 
     assert!(agent.is_running(), "the agent died: {}", agent.log_text());
-    let log = agent.log_text();
     assert!(
-        log.contains("deadline"),
+        agent.log_text().contains("deadline"),
         "timeouts are not in the agent log"
     );
 }
@@ -286,36 +220,18 @@ fn rejections_are_clear_and_nothing_runs() {
     let cfg = server.add_agent("guard-1", &[]);
     let agent = Agent::start("guard-1", &cfg, server.dir.path());
     server.wait_online("guard-1");
-    let echo_input = r#"{"mode":"echo"}"#;
+    let echo = |name: &str| {
+        run_one(
+            &server,
+            &[name, "-t", "guard-1", "--input", r#"{"mode":"echo"}"#],
+        )
+    };
 
     // Signed by a key the agent does not trust.
-    let other_key = server.dir.path().join("other.key");
-    let out = std::process::Command::new(bin("drover"))
-        .args(["--data-dir"])
-        .arg(server.dir.path().join("other-data"))
-        .arg("keygen")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    std::fs::copy(
-        server.dir.path().join("other-data/keys/publisher.key"),
-        &other_key,
-    )
-    .unwrap();
+    let other = TempDir::new("other-publisher");
+    let other_key = keygen(other.path());
     server.publish(&misbehave, "stranger", 1, "task", &[], Some(&other_key));
-    let r = run_one(
-        &server,
-        &["stranger", "-t", "guard-1", "--input", echo_input],
-    );
-    assert_eq!(r["status"], "rejected");
-    assert_eq!(failure_kind(&r), "untrusted_plugin");
-    assert!(
-        r["failure"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("untrusted key"),
-        "{r:#}"
-    );
+    assert_refused(&echo("stranger"), "untrusted_plugin", "untrusted key");
 
     // Unsigned: the store (which is not trusted either) serves a manifest with no signature.
     server.publish(&misbehave, "unsigned", 1, "task", &[], None);
@@ -325,19 +241,7 @@ fn rejections_are_clear_and_nothing_runs() {
             [],
         )
         .unwrap();
-    let r = run_one(
-        &server,
-        &["unsigned", "-t", "guard-1", "--input", echo_input],
-    );
-    assert_eq!(r["status"], "rejected");
-    assert_eq!(failure_kind(&r), "untrusted_plugin");
-    assert!(
-        r["failure"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("not signed"),
-        "{r:#}"
-    );
+    assert_refused(&echo("unsigned"), "untrusted_plugin", "not signed");
 
     // A tampered blob: one byte changed after signing.
     server.publish(&misbehave, "tampered", 1, "task", &[], None);
@@ -363,18 +267,7 @@ fn rejections_are_clear_and_nothing_runs() {
         )
         .unwrap();
     }
-    let r = run_one(
-        &server,
-        &["tampered", "-t", "guard-1", "--input", echo_input],
-    );
-    assert_eq!(r["status"], "rejected");
-    assert_eq!(failure_kind(&r), "blob_mismatch", "{r:#}");
-    assert!(
-        r["failure"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("does not match")
-    );
+    assert_refused(&echo("tampered"), "blob_mismatch", "does not match");
 
     // A plugin asking for more than the agent's policy allows.
     server.publish(
@@ -385,14 +278,7 @@ fn rejections_are_clear_and_nothing_runs() {
         &["--read-path", "/etc"],
         None,
     );
-    let r = run_one(&server, &["greedy", "-t", "guard-1", "--input", echo_input]);
-    assert_eq!(failure_kind(&r), "policy_denied", "{r:#}");
-    assert!(
-        r["failure"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("read:/etc")
-    );
+    assert_refused(&echo("greedy"), "policy_denied", "read:/etc");
 
     let log = agent.log_text();
     for needle in ["untrusted key", "not signed", "does not match", "read:/etc"] {
@@ -400,6 +286,13 @@ fn rejections_are_clear_and_nothing_runs() {
     }
     // Nothing ran: the agent never logged a success.
     assert!(!log.contains("job succeeded"), "something ran:\n{log}");
+}
+
+fn assert_refused(r: &Value, kind: &str, needle: &str) {
+    assert_eq!(r["status"], "rejected", "{r:#}");
+    assert_eq!(failure_kind(r), kind, "{r:#}");
+    let msg = r["failure"]["message"].as_str().unwrap_or("");
+    assert!(msg.contains(needle), "message {msg:?} lacks {needle:?}");
 }
 
 #[test]

@@ -88,22 +88,10 @@ pub fn run(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
         let shutdown = CancellationToken::new();
         let s = shutdown.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            drover_protocol::link::terminated().await;
             s.cancel();
         });
         crate::server::serve(config, shutdown).await
     })?;
     Ok(0)
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

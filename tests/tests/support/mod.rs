@@ -114,6 +114,18 @@ fn stop(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// `drover keygen` in a data directory of its own; returns the publisher key.
+pub fn keygen(data: &Path) -> PathBuf {
+    let out = Command::new(bin("drover"))
+        .arg("--data-dir")
+        .arg(data)
+        .arg("keygen")
+        .output()
+        .expect("run drover keygen");
+    assert!(out.status.success(), "keygen failed: {}", text(&out.stderr));
+    data.join("keys/publisher.key")
+}
+
 /// A running `drover serve`.
 pub struct Server {
     pub dir: TempDir,
