@@ -28,6 +28,9 @@ fi
 echo "test.sh: building plugins (wasm32-wasip2)" >&2
 # Plugins build into plugins/target whatever CARGO_TARGET_DIR says: the tests look there.
 (cd plugins && CARGO_TARGET_DIR=target cargo build --release --locked)
+echo "test.sh: testing plugin logic on the host" >&2
+host=$(rustc -vV | sed -n 's/^host: //p')
+(cd plugins && CARGO_TARGET_DIR=target cargo test --locked --target "$host")
 echo "test.sh: building binaries" >&2
 cargo build --workspace --bins --locked
 echo "test.sh: running tests" >&2
