@@ -106,13 +106,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         };
         match topics::parse_down(&msg.topic) {
             Some((id, Down::Job)) if id == config.id => {
-                if job_tx.try_send(msg.payload).is_err() {
-                    let n = executor
-                        .stats
-                        .dropped_busy
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                        + 1;
-                    tracing::error!(dropped_total = n, "job queue full; job dropped");
+                if let Err(e) = job_tx.try_send(msg.payload) {
+                    let payload = match e {
+                        mpsc::error::TrySendError::Full(p)
+                        | mpsc::error::TrySendError::Closed(p) => p,
+                    };
+                    let ex = executor.clone();
+                    tokio::spawn(async move { ex.refuse_busy(&payload).await });
                 }
             }
             Some((id, Down::Chunk)) if id == config.id => fetcher.deliver(msg.payload),

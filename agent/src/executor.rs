@@ -171,6 +171,31 @@ impl Executor {
         }
     }
 
+    /// Answers a job that found the queue full: counted, logged, and reported as a
+    /// retryable refusal so the operator is not left waiting.
+    pub async fn refuse_busy(&self, payload: &[u8]) {
+        let n = self.stats.dropped_busy.fetch_add(1, Ordering::Relaxed) + 1;
+        let claimed = serde_json::from_slice::<Signed<JobEnvelope>>(payload)
+            .ok()
+            .and_then(|s| s.unverified().ok());
+        let (job_id, attempt) = claimed.map(|e| (e.job_id, e.attempt)).unwrap_or_default();
+        tracing::error!(job.id = %job_id, dropped_total = n, "job queue full; job refused");
+        let mut r = JobResult::refused(
+            &job_id,
+            &self.config.id,
+            attempt,
+            FailureKind::AgentError,
+            format!(
+                "agent is busy: its queue of {} jobs is full",
+                self.config.job_queue
+            ),
+        );
+        if let Some(f) = r.failure.as_mut() {
+            f.retryable = true;
+        }
+        self.publish(&r).await;
+    }
+
     /// Checks the envelope: encoding, signature, address, freshness, replay.
     fn check_envelope(&self, payload: &[u8]) -> Result<JobEnvelope, Box<JobResult>> {
         let me = &self.config.id;

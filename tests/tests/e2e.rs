@@ -423,3 +423,71 @@ fn plugins_reach_agents_through_a_broker_with_a_small_message_limit() {
     assert_eq!(r["status"], "succeeded", "{r:#}\n{}", agent.log_text());
     assert!(!r["timings"]["compile_cached"].as_bool().unwrap());
 }
+
+#[test]
+fn a_full_job_queue_refuses_jobs_instead_of_losing_them() {
+    let server = Server::start();
+    server.publish(
+        &plugin("drover-plugin-misbehave"),
+        "misbehave",
+        1,
+        "task",
+        &[],
+        None,
+    );
+    let cfg = server.add_agent("busy-1", &[]);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("max_concurrent_jobs = 1\njob_queue = 1\n{text}"),
+    )
+    .unwrap();
+    let _agent = Agent::start("busy-1", &cfg, server.dir.path());
+    server.wait_online("busy-1");
+
+    // One running, one waiting for the slot, one in the queue; the rest find it full.
+    let jobs: Vec<String> = (0..6)
+        .map(|_| {
+            let v = server.json(&[
+                "run",
+                "misbehave",
+                "-t",
+                "busy-1",
+                "--timeout",
+                "3s",
+                "--no-wait",
+                "--input",
+                r#"{"mode":"spin"}"#,
+            ]);
+            v["job_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let results: Vec<Value> = jobs
+        .iter()
+        .map(|id| {
+            wait_for(Duration::from_secs(30), "every job to report", || {
+                let v = server.json(&["job", "show", id]);
+                let r = v["targets"][0]["result"].clone();
+                (!r.is_null()).then_some(r)
+            })
+        })
+        .collect();
+    let busy = results
+        .iter()
+        .filter(|r| {
+            r["status"] == "rejected"
+                && r["failure"]["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("agent is busy")
+                && r["failure"]["retryable"] == true
+        })
+        .count();
+    let timed_out = results
+        .iter()
+        .filter(|r| failure_kind(r) == "timeout")
+        .count();
+    assert!(busy >= 1, "no job was refused as busy: {results:#?}");
+    assert!(timed_out >= 1, "no job ran: {results:#?}");
+    assert_eq!(busy + timed_out, jobs.len(), "{results:#?}");
+}
