@@ -113,6 +113,17 @@ fn run_one(server: &Server, args: &[&str]) -> Value {
     r
 }
 
+fn publish_misbehave(server: &Server) {
+    let wasm = plugin("drover-plugin-misbehave");
+    server.publish(&wasm, "misbehave", 1, "task", &[], None);
+}
+
+/// Puts top-level settings at the head of an agent config written by `agents add`.
+fn prepend_config(cfg: &std::path::Path, lines: &str) {
+    let text = std::fs::read_to_string(cfg).unwrap();
+    std::fs::write(cfg, format!("{lines}\n{text}")).unwrap();
+}
+
 fn failure_kind(r: &Value) -> &str {
     r["failure"]["kind"].as_str().unwrap_or("")
 }
@@ -120,14 +131,7 @@ fn failure_kind(r: &Value) -> &str {
 #[test]
 fn sandbox_limits_hold_and_the_agent_carries_on() {
     let server = Server::start();
-    server.publish(
-        &plugin("drover-plugin-misbehave"),
-        "misbehave",
-        1,
-        "task",
-        &[],
-        None,
-    );
+    publish_misbehave(&server);
     let cfg = server.add_agent("box-1", &[]);
     let mut agent = Agent::start("box-1", &cfg, server.dir.path());
     server.wait_online("box-1");
@@ -303,14 +307,7 @@ fn a_forged_envelope_is_refused_and_reported() {
         ("attacker", "attacker-secret"),
     ]);
     let server = server_on(&mosq, "control-secret");
-    server.publish(
-        &plugin("drover-plugin-misbehave"),
-        "misbehave",
-        1,
-        "task",
-        &[],
-        None,
-    );
+    publish_misbehave(&server);
     let cfg = server.add_agent("target-1", &[]);
     mosq.add_user("target-1", &toml_value(&cfg, "password"));
     let agent = Agent::start("target-1", &cfg, server.dir.path());
@@ -402,10 +399,9 @@ fn plugins_reach_agents_through_a_broker_with_a_small_message_limit() {
     let server = server_on(&mosq, "control-secret");
     let wasm = plugin("drover-plugin-misbehave");
     assert!(std::fs::metadata(&wasm).unwrap().len() > 64 * 1024);
-    server.publish(&wasm, "misbehave", 1, "task", &[], None);
+    publish_misbehave(&server);
     let cfg = server.add_agent("small-1", &[]);
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&cfg, format!("chunk_size = 4096\n{text}")).unwrap();
+    prepend_config(&cfg, "chunk_size = 4096");
     mosq.add_user("small-1", &toml_value(&cfg, "password"));
     let agent = Agent::start("small-1", &cfg, server.dir.path());
     server.wait_online("small-1");
@@ -427,21 +423,9 @@ fn plugins_reach_agents_through_a_broker_with_a_small_message_limit() {
 #[test]
 fn a_full_job_queue_refuses_jobs_instead_of_losing_them() {
     let server = Server::start();
-    server.publish(
-        &plugin("drover-plugin-misbehave"),
-        "misbehave",
-        1,
-        "task",
-        &[],
-        None,
-    );
+    publish_misbehave(&server);
     let cfg = server.add_agent("busy-1", &[]);
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(
-        &cfg,
-        format!("max_concurrent_jobs = 1\njob_queue = 1\n{text}"),
-    )
-    .unwrap();
+    prepend_config(&cfg, "max_concurrent_jobs = 1\njob_queue = 1");
     let _agent = Agent::start("busy-1", &cfg, server.dir.path());
     server.wait_online("busy-1");
 
