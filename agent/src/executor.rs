@@ -392,6 +392,7 @@ impl Executor {
             job_id: &env.job_id,
             plugin_name: &manifest.name,
             input: &env.input,
+            parameters: &Default::default(),
             grant: &grant,
         };
         Ok(self.runtime.run(&plugin, &req).await)

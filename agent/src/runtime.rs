@@ -185,6 +185,9 @@ pub struct RunRequest<'a> {
     pub plugin_name: &'a str,
     /// The job's input.
     pub input: &'a serde_json::Value,
+    /// The job's parameters, secrets already opened. Handed only to a plugin granted
+    /// them; never logged.
+    pub parameters: &'a std::collections::BTreeMap<String, String>,
     /// What the run may use.
     pub grant: &'a Grant,
 }
@@ -433,6 +436,7 @@ impl Runtime {
             plugin_name,
             input,
             grant,
+            parameters: _,
         } = *req;
         let (stdout, stderr, mem_hit) = (&sinks.stdout, &sinks.stderr, &sinks.memory_limit_hit);
         let mut wasi = WasiCtxBuilder::new();

@@ -209,6 +209,7 @@ impl ControlPlane {
                 attempt: 1,
                 plugin: plugin.manifest.clone(),
                 input: job.input.clone(),
+                parameters: Default::default(),
                 limits,
                 not_before_ms: now,
                 expires_at_ms: job.expires_ms,

@@ -37,8 +37,12 @@ pub struct JobEnvelope {
     pub attempt: u32,
     /// The plugin to run, with its publisher's signature.
     pub plugin: Signed<Manifest>,
-    /// The job's parameters, handed to the plugin.
+    /// The job's input, handed to the plugin.
     pub input: serde_json::Value,
+    /// Named parameters for the plugin's `parameters` import; secret ones are sealed to
+    /// this agent (see [`crate::secret`]).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub parameters: std::collections::BTreeMap<String, Parameter>,
     /// Limits for the run.
     pub limits: Limits,
     /// Not valid before this time, Unix milliseconds.
@@ -49,6 +53,23 @@ pub struct JobEnvelope {
 
 impl Signable for JobEnvelope {
     const CONTEXT: &'static str = "job-envelope-v1";
+}
+
+/// One named parameter of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Parameter {
+    /// A value anyone on the path may see.
+    Plain {
+        /// The value.
+        value: String,
+    },
+    /// A value sealed to the target agent; the AAD is
+    /// [`crate::secret::parameter_aad`] of the job and the name.
+    Secret {
+        /// The sealed value.
+        sealed: crate::secret::SealedBox,
+    },
 }
 
 /// How a job ended on one agent.

@@ -6,6 +6,7 @@
 //! - [`manifest`]: plugin manifests and capabilities.
 //! - [`job`]: job envelopes, limits and results.
 //! - [`chunk`]: plugin blobs in chunks.
+//! - [`secret`]: secrets sealed to one agent.
 //! - [`agent`]: what an agent announces.
 //! - `link` (feature `link`): the MQTT connection with reconnect and backoff.
 //!
@@ -15,6 +16,7 @@ pub mod chunk;
 pub mod job;
 pub mod keys;
 pub mod manifest;
+pub mod secret;
 pub mod signed;
 pub mod topics;
 

@@ -324,6 +324,7 @@ fn a_forged_envelope_is_refused_and_reported() {
         attempt: 1,
         plugin: manifest,
         input: serde_json::json!({"mode": "echo", "who": "operator"}),
+        parameters: Default::default(),
         limits: Default::default(),
         not_before_ms: drover_protocol::now_ms(),
         expires_at_ms: drover_protocol::now_ms() + 600_000,
