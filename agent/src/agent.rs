@@ -14,7 +14,11 @@ use crate::config::Config;
 use crate::executor::Executor;
 use crate::facts::HostFacts;
 use crate::fetch::Fetcher;
+use crate::identity::{self, Enrollment, Identity};
 use crate::runtime::Runtime;
+use crate::state::State;
+use drover_protocol::enroll::Heartbeat;
+use drover_protocol::signed::Signed;
 
 /// The agent's version, announced in `Hello`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -25,15 +29,120 @@ const MAX_INCOMING: usize = 16 << 20;
 /// Largest message the agent sends: a result with full output and capped streams.
 const MAX_OUTGOING: usize = 16 << 20;
 
+/// How often a signed heartbeat goes out while connected.
+const HEARTBEAT: Duration = Duration::from_secs(30);
+
+async fn heartbeats(
+    id: String,
+    link: drover_protocol::link::LinkHandle,
+    executor: Arc<Executor>,
+    identity: Arc<Identity>,
+    stop: CancellationToken,
+) {
+    let topic = topics::up(&id, Up::Heartbeat);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(HEARTBEAT) => {}
+        }
+        if !link.is_connected() {
+            continue;
+        }
+        let hb = Heartbeat {
+            agent_id: id.clone(),
+            at_ms: drover_protocol::now_ms(),
+            jobs_run: executor
+                .stats
+                .ran
+                .load(std::sync::atomic::Ordering::Relaxed),
+            jobs_refused: executor
+                .stats
+                .refused
+                .load(std::sync::atomic::Ordering::Relaxed),
+        };
+        let body = serde_json::to_vec(&Signed::sign(&hb, &identity.signing))
+            .expect("heartbeats serialise");
+        if let Err(e) = link.publish(topic.clone(), body, false).await {
+            tracing::debug!(error = %e, "heartbeat not sent");
+        }
+    }
+}
+
+/// Fills in what enrollment provides (enrolling first if the config says how), and
+/// refuses to run an agent the server would not recognise.
+async fn resolve(mut c: Config, identity: &Arc<Identity>) -> anyhow::Result<Config> {
+    let enrollment = match Enrollment::load(&c.data_dir)? {
+        Some(e) => e,
+        None => {
+            let Some(settings) = c.enroll.clone() else {
+                anyhow::bail!(
+                    "agent {} is not enrolled: run `drover-agent enroll`, or put an [enroll] section in the config",
+                    c.id
+                );
+            };
+            let (data_dir, id, ident) = (c.data_dir.clone(), c.id.clone(), identity.clone());
+            let hostname = HostFacts::gather().hostname;
+            let e = tokio::task::spawn_blocking(move || {
+                identity::enroll(&data_dir, &settings, Some(&id), &ident, &hostname)
+            })
+            .await??;
+            tracing::info!(agent.id = %e.agent_id, server = %c.enroll.as_ref().map(|s| s.server.as_str()).unwrap_or(""), "enrolled");
+            e
+        }
+    };
+    anyhow::ensure!(
+        enrollment.agent_id == c.id,
+        "this data directory is enrolled as agent {:?}, not {:?}",
+        enrollment.agent_id,
+        c.id
+    );
+    if c.broker.is_none() {
+        c.broker = Some(enrollment.broker.parse().map_err(anyhow::Error::msg)?);
+    }
+    if c.password.is_none() {
+        c.password = enrollment.password.clone();
+    }
+    if c.roots.is_empty() {
+        c.roots = enrollment.roots.clone();
+        c.root_threshold = enrollment.root_threshold;
+    }
+    if c.keyset_file.is_none() {
+        c.keyset_file = Some(enrollment.keyset_file.clone());
+    }
+    for (k, v) in enrollment.tags {
+        c.tags.entry(k).or_insert(v);
+    }
+    anyhow::ensure!(
+        !c.roots.is_empty(),
+        "no trust roots: the agent would trust nothing"
+    );
+    Ok(c)
+}
+
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let identity = Arc::new(Identity::load_or_create(&config.data_dir)?);
+    let config = Arc::new(resolve(config, &identity).await?);
+    let broker_url = config
+        .broker
+        .clone()
+        .context("no broker: set `broker` in the config file or enroll")?;
     let runtime = Arc::new(
         Runtime::new(&config.data_dir.join("compiled")).context("starting the wasm runtime")?,
     );
 
+    let state = Arc::new(
+        State::open(
+            &config.data_dir.join("state"),
+            &config.roots,
+            config.root_threshold,
+            config.keyset_file.as_deref(),
+            drover_protocol::now_ms(),
+        )
+        .context("opening the agent's state")?,
+    );
     let facts = HostFacts::gather();
     let hello = Hello {
         agent_id: config.id.clone(),
@@ -46,11 +155,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         agent_version: VERSION.to_string(),
         tags: config.tags.clone(),
         started_at_ms: drover_protocol::now_ms(),
+        keyset_version: state.keyset().version,
     };
     let presence = |p: Presence| serde_json::to_vec(&p).expect("presence serialises");
     let status_topic = topics::up(&config.id, Up::Status);
     let opts = LinkOptions {
-        broker: config.broker.clone(),
+        broker: broker_url.clone(),
         ca_file: config.ca_file.clone(),
         client_id: config.id.clone(),
         credentials: config
@@ -70,7 +180,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         on_connect: vec![
             Publication {
                 topic: topics::up(&config.id, Up::Hello),
-                payload: serde_json::to_vec(&hello)?,
+                payload: serde_json::to_vec(&Signed::sign(&hello, &identity.signing))?,
                 retain: false,
             },
             Publication {
@@ -86,13 +196,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         link::spawn(opts, link_shutdown.clone()).map_err(anyhow::Error::msg)?;
 
     let fetcher = Fetcher::default();
-    let executor = Executor::new(config.clone(), runtime, link.clone(), fetcher.clone())?;
+    let executor = Executor::new(
+        config.clone(),
+        runtime,
+        link.clone(),
+        fetcher.clone(),
+        state.clone(),
+        identity.clone(),
+    )?;
+    let heartbeat_task = tokio::spawn(heartbeats(
+        config.id.clone(),
+        link.clone(),
+        executor.clone(),
+        identity.clone(),
+        link_shutdown.clone(),
+    ));
     let (job_tx, job_rx) = mpsc::channel(config.job_queue);
     let exec_task = tokio::spawn(executor.clone().serve(job_rx));
 
     tracing::info!(
         agent.id = %config.id,
-        broker = %config.broker,
+        broker = %broker_url,
         data_dir = %config.data_dir.display(),
         "agent started"
     );
@@ -116,6 +240,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
             }
             Some((id, Down::Chunk)) if id == config.id => fetcher.deliver(msg.payload),
+            Some((id, Down::Keyset)) if id == config.id => {
+                match serde_json::from_slice(&msg.payload)
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| state.offer_keyset(&s).map_err(|e| e.to_string()))
+                {
+                    Ok(true) => {
+                        tracing::info!(version = state.keyset().version, "adopted a new key set")
+                    }
+                    Ok(false) => tracing::debug!("key set already current"),
+                    Err(e) => tracing::warn!("key set refused: {e}"),
+                }
+            }
             Some((id, Down::Ack)) if id == config.id => {
                 tracing::debug!(topic = %msg.topic, "result acknowledged");
             }
@@ -132,5 +268,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await;
     link_shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(3), link_task).await;
+    let _ = heartbeat_task.await;
     Ok(())
 }

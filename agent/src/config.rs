@@ -8,7 +8,7 @@ use anyhow::{Context as _, bail};
 use drover_protocol::job::Limits;
 use drover_protocol::keys::PublicKey;
 use drover_protocol::link::BrokerUrl;
-use drover_protocol::manifest::Capabilities;
+use drover_protocol::manifest::{Capabilities, NetAddr, is_clean_absolute};
 use serde::Deserialize;
 
 /// The configuration file, as written.
@@ -42,9 +42,11 @@ pub struct ConfigFile {
     /// Tags announced to the server.
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
-    /// Keys the agent trusts.
+    /// Keys the agent trusts. Filled in by enrollment when absent.
     #[serde(default)]
     pub trust: TrustFile,
+    /// How to enroll on first start, when the agent has not enrolled yet.
+    pub enroll: Option<crate::identity::EnrollSettings>,
     /// What plugins may be granted.
     #[serde(default)]
     pub policy: PolicyFile,
@@ -57,12 +59,15 @@ pub struct ConfigFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrustFile {
-    /// Publisher public keys (hex): plugin manifests must be signed by one.
+    /// Root public keys (hex): they sign the key set, which names the publisher and
+    /// control-plane keys.
     #[serde(default)]
-    pub publishers: Vec<String>,
-    /// Control-plane public keys (hex): job envelopes must be signed by one.
-    #[serde(default)]
-    pub control_plane: Vec<String>,
+    pub roots: Vec<String>,
+    /// How many distinct roots must sign the first key set (default 1).
+    pub root_threshold: Option<u32>,
+    /// The first key set, as the server issued it; later ones arrive over MQTT and are
+    /// kept in the data directory.
+    pub keyset_file: Option<PathBuf>,
 }
 
 /// `[policy]`.
@@ -75,6 +80,44 @@ pub struct PolicyFile {
     /// Directories plugins may be granted read-only access to (and anything below them).
     #[serde(default)]
     pub read_paths: Vec<PathBuf>,
+    /// Programs plugins may be granted to run: exact absolute paths.
+    #[serde(default)]
+    pub exec: Vec<String>,
+    /// `host:port` addresses plugins may be granted TCP connections to.
+    #[serde(default)]
+    pub network: Vec<String>,
+    /// Whether plugins may be granted job parameters; `true` when absent, since the
+    /// values come from the signed job.
+    pub parameters: Option<bool>,
+}
+
+impl PolicyFile {
+    /// Checks the exec and network entries and builds the policy. (`read_paths` are
+    /// checked by [`Config::from_file`].)
+    fn check(self) -> anyhow::Result<Policy> {
+        for p in &self.exec {
+            if !is_clean_absolute(p) {
+                bail!(
+                    "policy.exec entry {p:?} must be an absolute program path, without '.', '..' or '//'"
+                );
+            }
+        }
+        let network = self
+            .network
+            .iter()
+            .map(|a| {
+                a.parse::<NetAddr>()
+                    .map_err(|e| anyhow::anyhow!("policy.network: {e}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Policy {
+            host_facts: self.host_facts,
+            read_paths: self.read_paths,
+            exec: self.exec,
+            network,
+            parameters: self.parameters.unwrap_or(true),
+        })
+    }
 }
 
 /// `[limits]`.
@@ -96,10 +139,17 @@ pub struct Policy {
     pub host_facts: bool,
     /// Read-only paths that may be granted, normalised and absolute.
     pub read_paths: Vec<PathBuf>,
+    /// Programs that may be granted, as exact absolute paths.
+    pub exec: Vec<String>,
+    /// `host:port` addresses that may be granted.
+    pub network: Vec<NetAddr>,
+    /// Whether job parameters may be granted.
+    pub parameters: bool,
 }
 
 impl Policy {
-    /// Grants what `asked` asks for if all of it is allowed; otherwise lists what is not.
+    /// Grants what `asked` asks for if all of it is allowed; otherwise lists what is not,
+    /// in the form [`Capabilities::describe`] uses.
     pub fn grant(&self, asked: &Capabilities) -> Result<Capabilities, Vec<String>> {
         let mut missing = Vec::new();
         if asked.host_facts && !self.host_facts {
@@ -111,6 +161,26 @@ impl Policy {
                 && self.read_paths.iter().any(|root| path.starts_with(root));
             if !allowed {
                 missing.push(format!("read:{p}"));
+            }
+        }
+        for p in &asked.exec {
+            // Exact paths only: a directory entry would let a plugin pick any program in it.
+            let allowed = is_clean_absolute(p) && self.exec.iter().any(|e| e == p);
+            if !allowed {
+                missing.push(format!("exec:{p}"));
+            }
+        }
+        for a in &asked.network {
+            let allowed = a
+                .parse::<NetAddr>()
+                .is_ok_and(|addr| self.network.contains(&addr));
+            if !allowed {
+                missing.push(format!("net:{a}"));
+            }
+        }
+        if !self.parameters {
+            for n in &asked.parameters {
+                missing.push(format!("param:{n}"));
             }
         }
         if missing.is_empty() {
@@ -132,8 +202,8 @@ fn is_normal_absolute(p: &Path) -> bool {
 pub struct Config {
     /// The agent's id.
     pub id: String,
-    /// The broker.
-    pub broker: BrokerUrl,
+    /// The broker; from enrollment when not configured.
+    pub broker: Option<BrokerUrl>,
     /// CA file for TLS.
     pub ca_file: Option<PathBuf>,
     /// MQTT username.
@@ -154,10 +224,14 @@ pub struct Config {
     pub job_queue: usize,
     /// Tags.
     pub tags: BTreeMap<String, String>,
-    /// Trusted publisher keys.
-    pub publishers: Vec<PublicKey>,
-    /// Trusted control-plane keys.
-    pub control_plane: Vec<PublicKey>,
+    /// Enrollment settings for a first start.
+    pub enroll: Option<crate::identity::EnrollSettings>,
+    /// Root keys anchoring the key set; from enrollment when empty.
+    pub roots: Vec<PublicKey>,
+    /// Distinct roots needed on the first key set.
+    pub root_threshold: u32,
+    /// The first key set.
+    pub keyset_file: Option<PathBuf>,
     /// Local policy.
     pub policy: Policy,
     /// Upper bounds on job limits.
@@ -201,11 +275,11 @@ impl Config {
         if !drover_protocol::topics::is_valid_agent_id(&id) {
             bail!("agent id {id:?} is invalid: use 1-64 characters of A-Z a-z 0-9 . _ -");
         }
-        let broker: BrokerUrl = o
+        let broker: Option<BrokerUrl> = o
             .broker
             .or(file.broker)
-            .unwrap_or_else(|| "mqtt://127.0.0.1:1883".into())
-            .parse()
+            .map(|b| b.parse())
+            .transpose()
             .map_err(anyhow::Error::msg)?;
         let password = match o.password_file.or(file.password_file) {
             Some(p) => Some(
@@ -221,14 +295,7 @@ impl Config {
                 .map(|k| PublicKey::from_hex(k).with_context(|| format!("bad {what} key {k:?}")))
                 .collect()
         };
-        let publishers = parse_keys(&file.trust.publishers, "trust.publishers")?;
-        let control_plane = parse_keys(&file.trust.control_plane, "trust.control_plane")?;
-        if control_plane.is_empty() {
-            bail!("no trust.control_plane key configured: the agent would accept no job");
-        }
-        if publishers.is_empty() {
-            bail!("no trust.publishers key configured: the agent would accept no plugin");
-        }
+        let roots = parse_keys(&file.trust.roots, "trust.roots")?;
         for p in &file.policy.read_paths {
             if !is_normal_absolute(p) {
                 bail!(
@@ -237,6 +304,7 @@ impl Config {
                 );
             }
         }
+        let policy = file.policy.check()?;
         let mut tags = file.tags;
         tags.extend(o.tags);
         let chunk_size = file
@@ -264,12 +332,11 @@ impl Config {
             max_concurrent_jobs: file.max_concurrent_jobs.unwrap_or(4).max(1),
             job_queue: file.job_queue.unwrap_or(64).max(1),
             tags,
-            publishers,
-            control_plane,
-            policy: Policy {
-                host_facts: file.policy.host_facts,
-                read_paths: file.policy.read_paths,
-            },
+            enroll: file.enroll,
+            roots,
+            root_threshold: file.trust.root_threshold.unwrap_or(1).max(1),
+            keyset_file: file.trust.keyset_file,
+            policy,
             max_limits: Limits {
                 timeout_ms: file
                     .limits
@@ -309,10 +376,12 @@ mod tests {
         let policy = Policy {
             host_facts: false,
             read_paths: vec![PathBuf::from("/var/lib/dpkg")],
+            ..Policy::default()
         };
         let ok = Capabilities {
             host_facts: false,
             read_paths: vec!["/var/lib/dpkg".into(), "/var/lib/dpkg/info".into()],
+            ..Capabilities::default()
         };
         assert_eq!(policy.grant(&ok).unwrap(), ok);
         let bad = Capabilities {
@@ -322,6 +391,7 @@ mod tests {
                 "/var/lib/dpkg/../../../etc".into(),
                 "/var/lib/dpkgx".into(),
             ],
+            ..Capabilities::default()
         };
         assert_eq!(
             policy.grant(&bad).unwrap_err(),
@@ -332,5 +402,92 @@ mod tests {
                 "read:/var/lib/dpkgx"
             ]
         );
+    }
+
+    /// The policy a `[policy]` section (without its header) gives.
+    fn policy_of(section: &str) -> anyhow::Result<Policy> {
+        toml::from_str::<PolicyFile>(section)?.check()
+    }
+
+    #[test]
+    fn exec_network_and_parameters_are_intersected_with_policy() {
+        let policy = policy_of(
+            r#"exec = ["/usr/bin/uptime", "/bin/echo"]
+network = ["127.0.0.1:8080", "DB.example:5432", "[::1]:443"]"#,
+        )
+        .unwrap();
+        assert!(policy.parameters, "parameters are allowed when not set");
+        let ok = Capabilities {
+            exec: vec!["/bin/echo".into()],
+            network: vec![
+                "db.example:5432".into(),
+                "127.0.0.1:8080".into(),
+                "[0:0:0:0:0:0:0:1]:443".into(),
+            ],
+            parameters: vec!["token".into()],
+            ..Capabilities::default()
+        };
+        assert_eq!(policy.grant(&ok).unwrap(), ok);
+
+        let bad = Capabilities {
+            exec: vec![
+                "/bin/sh".into(),
+                // Exact paths: neither another spelling nor a directory prefix counts.
+                "/usr/bin/../bin/uptime".into(),
+                "/usr/bin".into(),
+                "/usr/bin/uptime/x".into(),
+                "/usr/bin/uptime".into(),
+            ],
+            network: vec![
+                "127.0.0.1:8081".into(),
+                "127.0.0.2:8080".into(),
+                "localhost:8080".into(),
+                "db.example:5433".into(),
+                "not an address".into(),
+                "127.0.0.1:8080".into(),
+            ],
+            ..Capabilities::default()
+        };
+        assert_eq!(
+            policy.grant(&bad).unwrap_err(),
+            vec![
+                "exec:/bin/sh",
+                "exec:/usr/bin/../bin/uptime",
+                "exec:/usr/bin",
+                "exec:/usr/bin/uptime/x",
+                "net:127.0.0.1:8081",
+                "net:127.0.0.2:8080",
+                "net:localhost:8080",
+                "net:db.example:5433",
+                "net:not an address",
+            ]
+        );
+
+        // An empty policy allows none of it, and parameters can be turned off.
+        let closed = policy_of("parameters = false").unwrap();
+        let asks = Capabilities {
+            exec: vec!["/bin/echo".into()],
+            network: vec!["127.0.0.1:8080".into()],
+            parameters: vec!["a".into(), "b".into()],
+            ..Capabilities::default()
+        };
+        assert_eq!(
+            closed.grant(&asks).unwrap_err(),
+            vec!["exec:/bin/echo", "net:127.0.0.1:8080", "param:a", "param:b"]
+        );
+        assert!(closed.grant(&Capabilities::default()).is_ok());
+    }
+
+    #[test]
+    fn bad_policy_entries_are_config_errors() {
+        for policy in [
+            r#"exec = ["uptime"]"#,
+            r#"exec = ["/usr/bin/../bin/sh"]"#,
+            r#"network = ["127.0.0.1"]"#,
+            r#"network = ["host:0"]"#,
+        ] {
+            let err = policy_of(policy).unwrap_err();
+            assert!(format!("{err:#}").contains("policy."), "{policy}: {err:#}");
+        }
     }
 }

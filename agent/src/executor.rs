@@ -3,14 +3,13 @@
 //! Every refusal becomes a result with a `Rejected` status and a reason, logged and sent
 //! to the control plane; nothing a job carries can stop the agent.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
-use drover_protocol::job::{Failure, FailureKind, JobEnvelope, JobResult, ResultStatus};
+use drover_protocol::job::{Failure, FailureKind, JobEnvelope, JobResult, Parameter, ResultStatus};
 use drover_protocol::manifest::{Manifest, sha256_hex};
 use drover_protocol::signed::Signed;
 use drover_protocol::topics::{self, Up};
@@ -20,7 +19,9 @@ use tracing::Instrument as _;
 
 use crate::config::Config;
 use crate::fetch::Fetcher;
+use crate::identity::Identity;
 use crate::runtime::{Grant, RunOutcome, RunRequest, Runtime};
+use crate::state::{EnvelopeRefusal, State};
 
 /// How far the agent's clock may be behind the control plane's.
 const CLOCK_SKEW_MS: u64 = 60_000;
@@ -42,7 +43,8 @@ pub struct Executor {
     runtime: Arc<Runtime>,
     link: LinkHandle,
     fetcher: Fetcher,
-    seen: Mutex<HashMap<(String, u32), u64>>,
+    state: Arc<State>,
+    identity: Arc<Identity>,
     blob_dir: PathBuf,
     slots: Semaphore,
     /// Counters.
@@ -56,6 +58,8 @@ impl Executor {
         runtime: Arc<Runtime>,
         link: LinkHandle,
         fetcher: Fetcher,
+        state: Arc<State>,
+        identity: Arc<Identity>,
     ) -> anyhow::Result<Arc<Executor>> {
         let blob_dir = config.data_dir.join("blobs");
         std::fs::create_dir_all(&blob_dir)?;
@@ -65,7 +69,8 @@ impl Executor {
             runtime,
             link,
             fetcher,
-            seen: Mutex::default(),
+            state,
+            identity,
             blob_dir,
             stats: Stats::default(),
         }))
@@ -155,7 +160,9 @@ impl Executor {
     }
 
     async fn publish(&self, result: &JobResult) {
-        let body = match serde_json::to_vec(result) {
+        // Signed with the agent's own key: the broker cannot forge or alter results.
+        let signed = Signed::sign(result, &self.identity.signing);
+        let body = match serde_json::to_vec(&signed) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "could not encode result");
@@ -224,7 +231,8 @@ impl Executor {
                 message,
             ))
         };
-        let env = signed.verify(&self.config.control_plane).map_err(|e| {
+        let keyset = self.state.keyset();
+        let env = signed.verify(&keyset.control_plane).map_err(|e| {
             refuse(
                 FailureKind::BadEnvelope,
                 format!("job envelope refused: {e}"),
@@ -252,19 +260,24 @@ impl Executor {
                 format!("job expired {} ms ago", now - env.expires_at_ms),
             ));
         }
-        {
-            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-            seen.retain(|_, exp| *exp + CLOCK_SKEW_MS >= now);
-            let key = (env.job_id.clone(), env.attempt);
-            if seen.contains_key(&key) {
-                return Err(refuse(
-                    FailureKind::Replayed,
-                    "job envelope was already received once; replay refused".into(),
-                ));
-            }
-            seen.insert(key, env.expires_at_ms);
+        // Remembered on disk before anything runs, so a restart cannot reopen the door.
+        match self.state.accept_envelope(
+            &env.job_id,
+            env.attempt,
+            env.expires_at_ms,
+            now,
+            CLOCK_SKEW_MS,
+        ) {
+            Ok(()) => Ok(env),
+            Err(EnvelopeRefusal::Replayed) => Err(refuse(
+                FailureKind::Replayed,
+                "job envelope was already received once; replay refused".into(),
+            )),
+            Err(EnvelopeRefusal::Unrecordable(e)) => Err(refuse(
+                FailureKind::AgentError,
+                format!("cannot record the job for replay protection, so it is refused: {e}"),
+            )),
         }
-        Ok(env)
     }
 
     /// Verifies, fetches, loads and runs the plugin. Fills `job` (the plugin's name and
@@ -280,18 +293,25 @@ impl Executor {
             job.plugin = m.name;
             job.plugin_version = m.version;
         }
-        let manifest: Manifest = env.plugin.verify(&self.config.publishers).map_err(|e| {
-            refuse(
-                FailureKind::UntrustedPlugin,
-                format!("plugin manifest refused: {e}"),
-            )
-        })?;
+        let keyset = self.state.keyset();
+        let manifest: Manifest = env
+            .plugin
+            .verify_threshold(&keyset.publishers, keyset.publisher_threshold as usize)
+            .map_err(|e| {
+                refuse(
+                    FailureKind::UntrustedPlugin,
+                    format!("plugin manifest refused: {e}"),
+                )
+            })?;
         manifest.validate().map_err(|e| {
             refuse(
                 FailureKind::UntrustedPlugin,
                 format!("plugin manifest invalid: {e}"),
             )
         })?;
+        self.state
+            .check_plugin(&manifest.name, manifest.version, &manifest.sha256)
+            .map_err(|m| refuse(FailureKind::UntrustedPlugin, m))?;
         let capabilities = self
             .config
             .policy
@@ -380,9 +400,41 @@ impl Executor {
                 let _ = std::fs::remove_file(&blob_path);
             }
         })?;
+        if let Err(e) = self
+            .state
+            .record_plugin(&manifest.name, manifest.version, &manifest.sha256)
+        {
+            return Err(refuse(
+                FailureKind::AgentError,
+                format!("cannot record the plugin's version, so it is not run: {e:#}"),
+            ));
+        }
         job.timings.load_ms = t.elapsed().as_millis() as u64;
         job.timings.compile_cached = from_cache;
 
+        // Secrets are opened here, inside the agent, and handed only to the run.
+        let mut parameters = std::collections::BTreeMap::new();
+        for (name, p) in &env.parameters {
+            let value = match p {
+                Parameter::Plain { value } => value.clone(),
+                Parameter::Secret { sealed } => {
+                    let aad = drover_protocol::secret::parameter_aad(&env.job_id, name);
+                    let bytes = self.identity.sealing.open(sealed, &aad).map_err(|e| {
+                        refuse(
+                            FailureKind::BadEnvelope,
+                            format!("secret parameter {name:?}: {e}"),
+                        )
+                    })?;
+                    String::from_utf8(bytes).map_err(|_| {
+                        refuse(
+                            FailureKind::BadEnvelope,
+                            format!("secret parameter {name:?} is not UTF-8"),
+                        )
+                    })?
+                }
+            };
+            parameters.insert(name.clone(), value);
+        }
         let grant = Grant {
             capabilities,
             limits: self.config.clamp(env.limits),
@@ -392,7 +444,7 @@ impl Executor {
             job_id: &env.job_id,
             plugin_name: &manifest.name,
             input: &env.input,
-            parameters: &Default::default(),
+            parameters: &parameters,
             grant: &grant,
         };
         Ok(self.runtime.run(&plugin, &req).await)

@@ -32,6 +32,26 @@ struct Args {
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Enroll instead of running.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Enroll with an activation code: make this agent's keys, register their public
+    /// halves, and store the broker credential and trust roots in the data directory.
+    Enroll {
+        /// The server's API, http://HOST:PORT.
+        #[arg(long)]
+        server: String,
+        /// The activation id.
+        #[arg(long)]
+        activation_id: String,
+        /// The activation code.
+        #[arg(long)]
+        code: String,
+    },
 }
 
 fn parse_tag(s: &str) -> Result<(String, String), String> {
@@ -70,6 +90,37 @@ fn main() -> anyhow::Result<()> {
             tags: args.tags,
         },
     )?;
+    if let Some(Command::Enroll {
+        server,
+        activation_id,
+        code,
+    }) = &args.command
+    {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let identity = drover_agent::identity::Identity::load_or_create(&config.data_dir)?;
+        let settings = drover_agent::identity::EnrollSettings {
+            server: server.clone(),
+            activation_id: activation_id.clone(),
+            code: code.clone(),
+        };
+        let hostname = drover_agent::facts::HostFacts::gather().hostname;
+        let e = drover_agent::identity::enroll(
+            &config.data_dir,
+            &settings,
+            Some(&config.id),
+            &identity,
+            &hostname,
+        )?;
+        println!(
+            "enrolled as {} (broker {}, {} root key(s)); start with: drover-agent --id {} --data-dir {}",
+            e.agent_id,
+            e.broker,
+            e.roots.len(),
+            e.agent_id,
+            config.data_dir.display()
+        );
+        return Ok(());
+    }
     // Two worker threads: the agent is small; plugins compile on the blocking pool.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -6,7 +6,7 @@
 //! in a loop yields at the next tick; a guest blocked in a WASI call (sleep, poll) is an
 //! async host future that the timeout simply drops. Either way the deadline holds.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,6 +34,8 @@ mod bindings {
         wasmtime::component::bindgen!({
             path: "../wit",
             world: "inventory-collector",
+            // Running a program waits on it: the only host import that is async.
+            imports: { "drover:plugin/process.run": async },
             exports: { default: async },
             additional_derives: [serde::Serialize],
         });
@@ -47,12 +49,16 @@ mod bindings {
                 "drover:plugin/types": super::inventory::drover::plugin::types,
                 "drover:plugin/logging": super::inventory::drover::plugin::logging,
                 "drover:plugin/host-facts": super::inventory::drover::plugin::host_facts,
+                "drover:plugin/process": super::inventory::drover::plugin::process,
+                "drover:plugin/parameters": super::inventory::drover::plugin::parameters,
             },
         });
     }
 }
 
-use bindings::inventory::drover::plugin::{host_facts, inventory, logging, types};
+use bindings::inventory::drover::plugin::{
+    host_facts, inventory, logging, parameters, process, types,
+};
 
 /// Everything a run may touch. One per run, dropped with the store.
 struct Host {
@@ -60,6 +66,14 @@ struct Host {
     table: ResourceTable,
     limiter: MemoryLimiter,
     facts: Option<HostFacts>,
+    /// Programs the `process` import may run.
+    exec: Vec<String>,
+    /// The job's deadline: no program runs past it.
+    deadline: Instant,
+    /// Most bytes kept of each of a program's output streams.
+    output_cap: usize,
+    /// The granted parameters' values. Never logged.
+    parameters: BTreeMap<String, String>,
     agent_id: String,
     job_id: String,
     plugin: String,
@@ -121,6 +135,70 @@ impl host_facts::Host for Host {
             agent_id: self.agent_id.clone(),
         })
     }
+}
+
+impl parameters::Host for Host {
+    fn get(&mut self, name: String) -> Option<String> {
+        self.parameters.get(&name).cloned()
+    }
+}
+
+impl process::Host for Host {
+    async fn run(
+        &mut self,
+        request: process::Command,
+    ) -> Result<process::CommandOutput, types::PluginError> {
+        let to_plugin = |e: crate::exec::ExecError| types::PluginError {
+            message: e.message,
+            retryable: e.retryable,
+        };
+        crate::exec::check_granted(&self.exec, &request.program).map_err(to_plugin)?;
+        let remaining = self.deadline.saturating_duration_since(Instant::now());
+        let timeout = request.timeout_ms.map_or(remaining, |ms| {
+            remaining.min(Duration::from_millis(ms.into()))
+        });
+        let started = Instant::now();
+        // Arguments are not logged: they may carry parameters.
+        let result =
+            crate::exec::run(&request.program, &request.args, timeout, self.output_cap).await;
+        let (job, plugin) = (&self.job_id, &self.plugin);
+        match &result {
+            Ok(out) => tracing::info!(
+                job.id = %job,
+                plugin = %plugin,
+                program = %request.program,
+                exit_code = out.exit_code,
+                ms = started.elapsed().as_millis() as u64,
+                "plugin ran a program"
+            ),
+            Err(e) => tracing::warn!(
+                job.id = %job,
+                plugin = %plugin,
+                program = %request.program,
+                "plugin's program did not run: {}",
+                e.message
+            ),
+        }
+        let out = result.map_err(to_plugin)?;
+        Ok(process::CommandOutput {
+            exit_code: out.exit_code,
+            stdout: out.stdout,
+            stderr: out.stderr,
+            stdout_truncated: out.stdout_truncated,
+            stderr_truncated: out.stderr_truncated,
+        })
+    }
+}
+
+/// The values of the parameters named in `granted`, and no others.
+fn granted_parameters(
+    all: &BTreeMap<String, String>,
+    granted: &[String],
+) -> BTreeMap<String, String> {
+    granted
+        .iter()
+        .filter_map(|name| Some((name.clone(), all.get(name)?.clone())))
+        .collect()
 }
 
 /// Refuses memory growth past the limit and remembers that it did, so the result can
@@ -253,6 +331,8 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         logging::add_to_linker::<Host, HasSelf<Host>>(&mut linker, |h| h)?;
         host_facts::add_to_linker::<Host, HasSelf<Host>>(&mut linker, |h| h)?;
+        process::add_to_linker::<Host, HasSelf<Host>>(&mut linker, |h| h)?;
+        parameters::add_to_linker::<Host, HasSelf<Host>>(&mut linker, |h| h)?;
 
         std::fs::create_dir_all(cache_dir)?;
         #[cfg(unix)]
@@ -436,7 +516,7 @@ impl Runtime {
             plugin_name,
             input,
             grant,
-            parameters: _,
+            parameters,
         } = *req;
         let (stdout, stderr, mem_hit) = (&sinks.stdout, &sinks.stderr, &sinks.memory_limit_hit);
         let mut wasi = WasiCtxBuilder::new();
@@ -449,6 +529,14 @@ impl Runtime {
                     retryable: false,
                 })?;
         }
+        let deadline = Duration::from_millis(grant.limits.timeout_ms);
+        // No sockets at all unless some address is granted.
+        if !grant.capabilities.network.is_empty() {
+            let lookup_timeout = deadline.min(Duration::from_secs(5));
+            crate::net::NetGrant::resolve(&grant.capabilities.network, lookup_timeout)
+                .await
+                .apply(&mut wasi);
+        }
         let host = Host {
             wasi: wasi.build(),
             table: ResourceTable::new(),
@@ -457,6 +545,10 @@ impl Runtime {
                 hit: mem_hit.clone(),
             },
             facts: grant.capabilities.host_facts.then(HostFacts::gather),
+            exec: grant.capabilities.exec.clone(),
+            deadline: Instant::now() + deadline,
+            output_cap: usize::try_from(grant.limits.output_bytes).unwrap_or(usize::MAX),
+            parameters: granted_parameters(parameters, &grant.capabilities.parameters),
             agent_id: agent_id.to_string(),
             job_id: job_id.to_string(),
             plugin: plugin_name.to_string(),
@@ -468,7 +560,6 @@ impl Runtime {
         store.set_epoch_deadline(1);
         store.epoch_deadline_async_yield_and_update(1);
 
-        let deadline = Duration::from_millis(grant.limits.timeout_ms);
         let call = call_world(plugin, &mut store, input);
         let result = match tokio::time::timeout(deadline, call).await {
             Err(_) => Err(Failure {
@@ -592,4 +683,94 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parameters::Host as _;
+    use process::Host as _;
+
+    fn host(exec: &[&str], params: &[(&str, &str)], granted: &[&str]) -> Host {
+        let all: BTreeMap<String, String> = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let granted: Vec<String> = granted.iter().map(|s| s.to_string()).collect();
+        Host {
+            wasi: WasiCtxBuilder::new().build(),
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter {
+                max_bytes: 1 << 20,
+                hit: Arc::default(),
+            },
+            facts: None,
+            exec: exec.iter().map(|s| s.to_string()).collect(),
+            deadline: Instant::now() + Duration::from_secs(30),
+            output_cap: 1024,
+            parameters: granted_parameters(&all, &granted),
+            agent_id: "a".into(),
+            job_id: "j".into(),
+            plugin: "p".into(),
+            log_lines: 0,
+            log_dropped: 0,
+        }
+    }
+
+    #[test]
+    fn parameters_get_returns_only_granted_names_that_are_set() {
+        let mut h = host(
+            &[],
+            &[("region", "eu"), ("token", "s3cret"), ("other", "x")],
+            &["region", "token", "unset"],
+        );
+        assert_eq!(h.get("region".into()).as_deref(), Some("eu"));
+        assert_eq!(h.get("token".into()).as_deref(), Some("s3cret"));
+        assert_eq!(h.get("other".into()), None, "set but not granted");
+        assert_eq!(h.get("unset".into()), None, "granted but not set");
+        assert_eq!(h.parameters.len(), 2, "only granted values are kept");
+        let mut none = host(&[], &[("region", "eu")], &[]);
+        assert_eq!(none.get("region".into()), None);
+    }
+
+    fn command(program: &str, args: &[&str], timeout_ms: Option<u32>) -> process::Command {
+        process::Command {
+            program: program.into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            timeout_ms,
+        }
+    }
+
+    #[tokio::test]
+    async fn process_run_runs_only_granted_programs() {
+        let mut h = host(&["/bin/echo"], &[], &[]);
+        let out = h.run(command("/bin/echo", &["hello"], None)).await.unwrap();
+        assert_eq!((out.exit_code, out.stdout), (0, b"hello\n".to_vec()));
+        let e = h
+            .run(command("/bin/sh", &["-c", "echo hi"], None))
+            .await
+            .unwrap_err();
+        assert_eq!(e.message, "program /bin/sh is not granted");
+        assert!(!e.retryable);
+    }
+
+    #[tokio::test]
+    async fn process_run_stops_at_the_job_deadline() {
+        let mut h = host(&["/bin/sleep"], &[], &[]);
+        h.deadline = Instant::now() + Duration::from_millis(300);
+        let t = Instant::now();
+        let e = h
+            .run(command("/bin/sleep", &["30"], Some(60_000)))
+            .await
+            .unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(e.message.contains("did not finish"), "{}", e.message);
+        // The request's own timeout applies when it is the shorter one.
+        h.deadline = Instant::now() + Duration::from_secs(60);
+        let e = h
+            .run(command("/bin/sleep", &["30"], Some(200)))
+            .await
+            .unwrap_err();
+        assert!(e.message.contains("within 200 ms"), "{}", e.message);
+    }
 }

@@ -25,6 +25,12 @@ pub struct ApiState {
     pub control: ControlPlane,
     /// The operator token.
     pub token: String,
+    /// The data directory.
+    pub data: crate::paths::DataDir,
+    /// The broker URL enrolled agents are told to dial.
+    pub broker_url: String,
+    /// The embedded broker, to drop deregistered agents; None with an external broker.
+    pub broker: Option<crate::embedded::BrokerAccess>,
 }
 
 /// An error as the API returns it: a status and `{"error": "..."}`.
@@ -67,14 +73,24 @@ pub fn router(state: ApiState) -> Router {
     let api = Router::new()
         .route("/api/v1/agents", get(list_agents))
         .route("/api/v1/agents/{id}/credentials", post(create_credentials))
+        .route("/api/v1/agents/{id}/deregister", post(deregister_agent))
         .route("/api/v1/plugins", get(list_plugins).post(publish_plugin))
         .route("/api/v1/jobs", post(create_job))
         .route("/api/v1/jobs/{id}", get(get_job))
         .route("/api/v1/events", get(list_events))
+        .route("/api/v1/keyset", get(get_keyset).post(put_keyset))
+        .route(
+            "/api/v1/activations",
+            get(list_activations).post(create_activation),
+        )
+        .route("/api/v1/activations/{id}/revoke", post(revoke_activation))
+        .route("/api/v1/audit", get(audit_log))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .layer(axum::extract::DefaultBodyLimit::max(256 << 20));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        // Authenticated by the activation code, not the operator token.
+        .route("/api/v1/enroll", post(enroll))
         .merge(api)
         .with_state(state)
 }
@@ -119,9 +135,52 @@ async fn create_credentials(
     let password =
         BrokerAuth::create_agent(s.control.store(), &id).map_err(|e| bad(format!("{e:#}")))?;
     tracing::info!(agent.id = %id, "agent broker credential created");
+    audit_op(
+        &s,
+        "agent.credentials",
+        &id,
+        "ok",
+        "broker credential minted",
+    );
     Ok(Json(Credentials {
         username: id,
         password,
+    }))
+}
+
+/// The answer to a deregistration.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Deregistered {
+    /// The agent.
+    pub id: String,
+    /// Whether the embedded broker enforces it: false with an external broker, whose
+    /// password and ACL files must be written again (`drover broker acl`).
+    pub embedded_broker: bool,
+    /// Whether a live connection to the embedded broker was closed.
+    pub disconnected: bool,
+}
+
+async fn deregister_agent(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Deregistered>, ApiError> {
+    // The credential first, so the agent cannot log in again once dropped.
+    if !s
+        .control
+        .store()
+        .deregister_agent(&id, drover_protocol::now_ms())?
+    {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no agent {id:?}")));
+    }
+    let disconnected = match &s.broker {
+        Some(broker) => broker.revoke_agent(&id).await,
+        None => false,
+    };
+    tracing::info!(agent.id = %id, disconnected, "agent deregistered");
+    Ok(Json(Deregistered {
+        id,
+        embedded_broker: s.broker.is_some(),
+        disconnected,
     }))
 }
 
@@ -147,9 +206,14 @@ async fn publish_plugin(
         .map_err(|e| bad(format!("blob is not base64: {e}")))?;
     // The server checks the upload is self-consistent; which publishers to trust is each
     // agent's decision, not the server's.
+    // Every distinct signer's signature must hold; which signers to trust, and how many
+    // are needed, is each agent's decision.
+    let mut signers: Vec<_> = req.manifest.signatures.iter().map(|s| s.key).collect();
+    signers.sort();
+    signers.dedup();
     let m = req
         .manifest
-        .verify(&[req.manifest.key])
+        .verify_threshold(&signers, signers.len())
         .map_err(|e| bad(format!("manifest refused: {e}")))?;
     m.validate()
         .map_err(|e| bad(format!("manifest refused: {e}")))?;
@@ -172,6 +236,13 @@ async fn publish_plugin(
     }
     store.put_plugin(&m, &req.manifest, &blob, drover_protocol::now_ms())?;
     tracing::info!(plugin = %m.name, version = m.version, sha256 = %m.sha256, "plugin published");
+    audit_op(
+        &s,
+        "plugin.publish",
+        &format!("{} v{}", m.name, m.version),
+        "ok",
+        &format!("sha256 {}", m.sha256),
+    );
     Ok((
         StatusCode::CREATED,
         Json(serde_json::json!({ "name": m.name, "version": m.version, "sha256": m.sha256 })),
@@ -183,7 +254,21 @@ async fn create_job(
     State(s): State<ApiState>,
     Json(req): Json<JobRequest>,
 ) -> Result<Response, ApiError> {
-    let created = s.control.submit(req).await?;
+    let what = format!("{} on {}", req.plugin, req.targets);
+    let created = match s.control.submit(req).await {
+        Ok(c) => c,
+        Err(e) => {
+            audit_op(&s, "job.create", &what, "refused", &e.to_string());
+            return Err(e.into());
+        }
+    };
+    audit_op(
+        &s,
+        "job.create",
+        &created.job_id,
+        "ok",
+        &format!("{what}: {} agent(s)", created.agents.len()),
+    );
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
@@ -257,4 +342,159 @@ async fn list_events(
             .events(q.agent.as_deref(), q.limit.unwrap_or(100).min(10_000))?,
     )
     .into_response())
+}
+
+async fn get_keyset(State(s): State<ApiState>) -> Result<Response, ApiError> {
+    Ok(Json(s.control.keyset()).into_response())
+}
+
+async fn put_keyset(
+    State(s): State<ApiState>,
+    Json(next): Json<drover_protocol::signed::Signed<drover_protocol::keyset::KeySet>>,
+) -> Result<Response, ApiError> {
+    let current = s
+        .control
+        .keyset()
+        .unverified()
+        .map_err(|e| internal(e.into()))?;
+    let ks = current
+        .verify_successor(&next)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    crate::trust::store(&s.data, &next)?;
+    let sent = s.control.set_keyset(next).await?;
+    tracing::info!(version = ks.version, agents = sent, "key set rotated");
+    audit_op(
+        &s,
+        "keyset.rotate",
+        &format!("v{}", ks.version),
+        "ok",
+        &format!("sent to {sent} agent(s)"),
+    );
+    Ok(Json(serde_json::json!({ "version": ks.version, "sent_to": sent })).into_response())
+}
+
+/// Records an operator action in the audit log; a failure to record is logged, not fatal
+/// to the action that already happened.
+fn audit_op(s: &ApiState, action: &str, target: &str, outcome: &str, detail: &str) {
+    if let Err(e) = s.control.store().audit(
+        "operator",
+        action,
+        target,
+        outcome,
+        detail,
+        drover_protocol::now_ms(),
+    ) {
+        tracing::error!(error = %format!("{e:#}"), action, "could not write the audit log");
+    }
+}
+
+/// A request for an activation.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ActivationRequest {
+    /// Lifetime, seconds.
+    pub expires_secs: u64,
+    /// How many agents may enroll with it.
+    pub max_uses: u32,
+    /// Tags enrolled agents get.
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// Bind it to one agent id.
+    #[serde(default)]
+    pub agent_id: Option<String>,
+}
+
+async fn create_activation(
+    State(s): State<ApiState>,
+    Json(req): Json<ActivationRequest>,
+) -> Result<Response, ApiError> {
+    let now = drover_protocol::now_ms();
+    let created = crate::enrollment::create_activation(
+        s.control.store(),
+        now + req.expires_secs.saturating_mul(1000),
+        req.max_uses,
+        req.tags,
+        req.agent_id,
+        now,
+    )
+    .map_err(|e| bad(format!("{e:#}")))?;
+    audit_op(
+        &s,
+        "activation.create",
+        &created.activation.id,
+        "ok",
+        &format!(
+            "max uses {}, expires in {} s",
+            created.activation.max_uses, req.expires_secs
+        ),
+    );
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+async fn list_activations(State(s): State<ApiState>) -> Result<Response, ApiError> {
+    Ok(Json(s.control.store().activations()?).into_response())
+}
+
+async fn revoke_activation(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if !s
+        .control
+        .store()
+        .revoke_activation(&id, drover_protocol::now_ms())?
+    {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no active activation {id}"),
+        ));
+    }
+    audit_op(&s, "activation.revoke", &id, "ok", "");
+    Ok(Json(serde_json::json!({ "revoked": id })).into_response())
+}
+
+async fn enroll(
+    State(s): State<ApiState>,
+    Json(req): Json<drover_protocol::enroll::EnrollRequest>,
+) -> Result<Response, ApiError> {
+    use crate::enrollment::EnrollError;
+    let store = s.control.store();
+    let now = drover_protocol::now_ms();
+    let r = crate::enrollment::enroll(store, &s.control.keyset(), &s.broker_url, &req, now);
+    let actor = format!("enroll:{}", req.activation_id);
+    let target = r
+        .as_ref()
+        .map(|e| e.agent_id.clone())
+        .unwrap_or_else(|_| req.agent_id.clone().unwrap_or_default());
+    let outcome = if r.is_ok() { "ok" } else { "refused" };
+    let detail = match &r {
+        Ok(_) => format!("signing key {}", req.signing_key.short()),
+        Err(e) => e.to_string(),
+    };
+    if let Err(e) = store.audit(&actor, "agent.enroll", &target, outcome, &detail, now) {
+        tracing::error!(error = %format!("{e:#}"), "could not write the audit log");
+    }
+    match r {
+        Ok(resp) => {
+            tracing::info!(agent.id = %resp.agent_id, activation = %req.activation_id, "agent enrolled");
+            Ok(Json(resp).into_response())
+        }
+        Err(e) => {
+            tracing::warn!(activation = %req.activation_id, error = %e, "enrollment refused");
+            let code = match e {
+                EnrollError::BadCode => StatusCode::UNAUTHORIZED,
+                EnrollError::Unusable(_) => StatusCode::FORBIDDEN,
+                EnrollError::BadRequest(_) => StatusCode::BAD_REQUEST,
+                EnrollError::Conflict(_) => StatusCode::CONFLICT,
+                EnrollError::Internal(e) => return Err(internal(e)),
+            };
+            Err(ApiError(code, e.to_string()))
+        }
+    }
+}
+
+async fn audit_log(
+    State(s): State<ApiState>,
+    Query(f): Query<crate::store::AuditFilter>,
+) -> Result<Response, ApiError> {
+    Ok(Json(s.control.store().audit_log(&f)?).into_response())
 }

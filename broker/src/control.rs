@@ -8,11 +8,13 @@ use std::sync::Arc;
 
 use drover_protocol::agent::{Hello, Presence};
 use drover_protocol::chunk::{self, ChunkHeader, FetchRequest};
-use drover_protocol::job::{JobEnvelope, JobResult, Limits, ResultAck};
+use drover_protocol::enroll::Heartbeat;
+use drover_protocol::job::{JobEnvelope, JobResult, Limits, Parameter, ResultAck};
 use drover_protocol::keys::SigningKey;
+use drover_protocol::keyset::KeySet;
 use drover_protocol::link::{Incoming, LinkHandle};
 use drover_protocol::now_ms;
-use drover_protocol::signed::Signed;
+use drover_protocol::signed::{Signable, Signed};
 use drover_protocol::topics::{self, Down, Up};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -47,6 +49,12 @@ pub struct JobRequest {
     /// How long the job may wait for offline agents, seconds.
     #[serde(default)]
     pub delivery_secs: Option<u64>,
+    /// Named parameters for the plugin's `parameters` import.
+    #[serde(default)]
+    pub parameters: std::collections::BTreeMap<String, String>,
+    /// Secret parameters: sealed to each target agent's key, never stored or logged.
+    #[serde(default)]
+    pub secrets: std::collections::BTreeMap<String, String>,
 }
 
 /// What submitting a job produced.
@@ -78,6 +86,7 @@ struct Shared {
     store: Store,
     link: LinkHandle,
     signer: SigningKey,
+    keyset: std::sync::RwLock<Signed<KeySet>>,
     results: watch::Sender<u64>,
 }
 
@@ -137,6 +146,7 @@ impl ControlPlane {
         store: Store,
         link: LinkHandle,
         signer: SigningKey,
+        keyset: Signed<KeySet>,
         incoming: mpsc::Receiver<Incoming>,
     ) -> (ControlPlane, tokio::task::JoinHandle<()>) {
         let (results, _) = watch::channel(0);
@@ -145,6 +155,7 @@ impl ControlPlane {
                 store,
                 link,
                 signer,
+                keyset: std::sync::RwLock::new(keyset),
                 results,
             }),
         };
@@ -160,6 +171,42 @@ impl ControlPlane {
     /// The store.
     pub fn store(&self) -> &Store {
         &self.shared.store
+    }
+
+    /// The key set agents should hold.
+    pub fn keyset(&self) -> Signed<KeySet> {
+        self.shared
+            .keyset
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Adopts a new key set (already checked as a successor) and sends it to every
+    /// known agent; agents that are offline get it when they next announce themselves.
+    pub async fn set_keyset(&self, signed: Signed<KeySet>) -> anyhow::Result<usize> {
+        *self
+            .shared
+            .keyset
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = signed;
+        let agents = self.shared.store.agents()?;
+        for a in &agents {
+            self.send_keyset(&a.id).await;
+        }
+        Ok(agents.len())
+    }
+
+    async fn send_keyset(&self, agent: &str) {
+        let body = serde_json::to_vec(&self.keyset()).expect("key sets serialise");
+        if let Err(e) = self
+            .shared
+            .link
+            .publish(topics::down(agent, Down::Keyset), body, false)
+            .await
+        {
+            tracing::warn!(agent.id = %agent, error = %e, "could not send key set");
+        }
     }
 
     /// Stores a job and sends each target its signed envelope.
@@ -201,15 +248,48 @@ impl ControlPlane {
             created_ms: now,
             expires_ms: now + delivery * 1000,
         };
+        for name in req.secrets.keys() {
+            if req.parameters.contains_key(name) {
+                return Err(ControlError::BadRequest(format!(
+                    "parameter {name:?} is given both plain and secret"
+                )));
+            }
+        }
+        // Every target needs an enrolled sealing key before anything is stored or sent.
+        let mut sealing = std::collections::HashMap::new();
+        if !req.secrets.is_empty() {
+            for agent in &agents {
+                let keys = store.agent_keys(agent)?.ok_or_else(|| {
+                    ControlError::BadRequest(format!(
+                        "agent {agent} has not enrolled a key, so secrets cannot be sealed to it"
+                    ))
+                })?;
+                let key: [u8; 32] = hex::decode(&keys.sealing_key)
+                    .ok()
+                    .and_then(|v| v.try_into().ok())
+                    .ok_or_else(|| anyhow::anyhow!("agent {agent}'s sealing key is malformed"))?;
+                sealing.insert(agent.clone(), key);
+            }
+        }
         store.create_job(&job, &agents)?;
         for agent in &agents {
+            let mut parameters: std::collections::BTreeMap<String, Parameter> = req
+                .parameters
+                .iter()
+                .map(|(k, v)| (k.clone(), Parameter::Plain { value: v.clone() }))
+                .collect();
+            for (name, value) in &req.secrets {
+                let aad = drover_protocol::secret::parameter_aad(&job.id, name);
+                let sealed = drover_protocol::secret::seal(&sealing[agent], &aad, value.as_bytes());
+                parameters.insert(name.clone(), Parameter::Secret { sealed });
+            }
             let env = JobEnvelope {
                 job_id: job.id.clone(),
                 agent_id: agent.clone(),
                 attempt: 1,
                 plugin: plugin.manifest.clone(),
                 input: job.input.clone(),
-                parameters: Default::default(),
+                parameters,
                 limits,
                 not_before_ms: now,
                 expires_at_ms: job.expires_ms,
@@ -245,10 +325,13 @@ impl ControlPlane {
             };
             let agent = agent.to_string();
             if let Err(e) = self.handle(&agent, kind, &msg.payload).await {
-                tracing::warn!(agent.id = %agent, kind = kind.as_str(), error = %format!("{e:#}"), "could not handle agent message");
+                let event = e
+                    .downcast_ref::<RefusalError>()
+                    .map_or("bad-message", |r| r.0);
+                tracing::warn!(agent.id = %agent, kind = kind.as_str(), event, error = %format!("{e:#}"), "agent message refused");
                 let _ = self.shared.store.add_event(
                     &agent,
-                    "bad-message",
+                    event,
                     &format!("{} message refused: {e:#}", kind.as_str()),
                     now_ms(),
                 );
@@ -267,17 +350,31 @@ impl ControlPlane {
                 tracing::info!(agent.id = %agent, online, "agent presence");
             }
             Up::Hello => {
-                let hello: Hello = serde_json::from_slice(payload)?;
+                let hello: Hello = self.verify_from(agent, payload)?;
                 anyhow::ensure!(
                     hello.agent_id == agent,
                     "hello claims to be agent {:?}",
                     hello.agent_id
                 );
                 store.upsert_hello(&hello, now)?;
+                let current = self.keyset().unverified().map(|k| k.version).unwrap_or(0);
+                if hello.keyset_version < current {
+                    tracing::info!(agent.id = %agent, from = hello.keyset_version, to = current, "sending newer key set");
+                    self.send_keyset(agent).await;
+                }
                 tracing::info!(agent.id = %agent, hostname = %hello.hostname, version = %hello.agent_version, "agent announced");
             }
+            Up::Heartbeat => {
+                let hb: Heartbeat = self.verify_from(agent, payload)?;
+                anyhow::ensure!(
+                    hb.agent_id == agent,
+                    "heartbeat claims to be agent {:?}",
+                    hb.agent_id
+                );
+                store.touch(agent, now)?;
+            }
             Up::Result => {
-                let result: JobResult = serde_json::from_slice(payload)?;
+                let result: JobResult = self.verify_from(agent, payload)?;
                 store.touch(agent, now)?;
                 anyhow::ensure!(
                     result.agent_id == agent,
@@ -287,6 +384,21 @@ impl ControlPlane {
                 match store.record_result(&result, now)? {
                     Recorded::Stored => {
                         tracing::info!(agent.id = %agent, job.id = %result.job_id, status = result.status.as_str(), "result stored");
+                        let detail = match &result.failure {
+                            Some(f) => format!(
+                                "{} v{}: {:?}: {}",
+                                result.plugin, result.plugin_version, f.kind, f.message
+                            ),
+                            None => format!("{} v{}", result.plugin, result.plugin_version),
+                        };
+                        store.audit(
+                            &format!("agent:{agent}"),
+                            "job.execute",
+                            &result.job_id,
+                            result.status.as_str(),
+                            &detail,
+                            now,
+                        )?;
                         self.shared.results.send_modify(|n| *n += 1);
                         self.ack(agent, &result).await;
                     }
@@ -317,6 +429,23 @@ impl ControlPlane {
             }
         }
         Ok(())
+    }
+
+    /// Parses a message an agent signed, checking it against the key it enrolled with.
+    fn verify_from<T: Signable>(&self, agent: &str, payload: &[u8]) -> anyhow::Result<T> {
+        let store = &self.shared.store;
+        if store.is_deregistered(agent)? {
+            return Err(Refusal("deregistered").into_err(format!("agent {agent} is deregistered")));
+        }
+        let Some(keys) = store.agent_keys(agent)? else {
+            return Err(
+                Refusal("unenrolled").into_err(format!("agent {agent} has not enrolled a key"))
+            );
+        };
+        let signed: Signed<T> = serde_json::from_slice(payload)?;
+        signed.verify(&[keys.signing_key]).map_err(|e| {
+            Refusal("forged").into_err(format!("not signed by agent {agent}'s enrolled key: {e}"))
+        })
     }
 
     async fn ack(&self, agent: &str, r: &JobResult) {
@@ -395,6 +524,20 @@ impl ControlPlane {
         }
     }
 }
+
+/// A refused agent message, with the event kind it is recorded under.
+#[derive(Debug)]
+struct Refusal(&'static str);
+
+impl Refusal {
+    fn into_err(self, msg: String) -> anyhow::Error {
+        anyhow::Error::new(RefusalError(self.0, msg))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{1}")]
+struct RefusalError(&'static str, String);
 
 /// A new job id: time-ordered prefix and random suffix.
 pub fn new_job_id() -> String {

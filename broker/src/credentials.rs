@@ -63,11 +63,15 @@ impl BrokerAuth {
         SystemRandom::new()
             .fill(&mut salt)
             .map_err(|_| anyhow::anyhow!("system random source failed"))?;
+        // The same password as Mosquitto's hash, for `drover broker acl`: the store keeps
+        // no way back to the password.
+        let mosquitto_hash = crate::mosquitto::password_hash(&password)?;
         store.put_broker_user(
             id,
             "agent",
             &salt,
             &hash(&salt, password.as_bytes()),
+            Some(&mosquitto_hash),
             drover_protocol::now_ms(),
         )?;
         Ok(password)

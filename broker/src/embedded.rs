@@ -15,6 +15,9 @@
 //!   optionally TLS on another. We run the accept loops ourselves and hand each
 //!   connection to mqtt5's connection handler: TLS handshakes run in their own task with
 //!   a timeout, and every connection can be aborted at shutdown.
+//! - **Revocation**: [`BrokerAccess::revoke_agent`] (for a deregistered agent) closes the
+//!   agent's connection at once and refuses it from then on, even if its credential check
+//!   raced the revocation.
 //! - **Shutdown**: [`EmbeddedBroker::shutdown`] is bounded by [`SHUTDOWN_TIMEOUT`] and
 //!   releases the ports and the data directory, so a broker can be restarted in-process.
 //!
@@ -120,6 +123,31 @@ pub struct EmbeddedBroker {
     storage: Option<Weak<DynamicStorage>>,
 }
 
+/// Revokes agents on a running [`EmbeddedBroker`]; clones share the broker. After the
+/// broker stops, revoking changes nothing (its connections are gone anyway).
+#[derive(Clone)]
+pub struct BrokerAccess {
+    gate: Arc<Gate>,
+}
+
+impl std::fmt::Debug for BrokerAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BrokerAccess")
+    }
+}
+
+impl BrokerAccess {
+    /// Revokes agent `id`, whose credential the caller has just deleted from what the
+    /// [`Authenticator`] checks: its live connection is closed now, without a DISCONNECT,
+    /// and its subscriptions dropped; a connection whose credential check began before
+    /// the revocation is refused (or dropped, if it got registered); until it connects
+    /// with a new credential it is denied every publish and subscription; and its status
+    /// topic gets a retained `offline`. True if it was connected.
+    pub async fn revoke_agent(&self, id: &str) -> bool {
+        self.gate.revoke(id).await
+    }
+}
+
 impl std::fmt::Debug for EmbeddedBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EmbeddedBroker")
@@ -158,6 +186,7 @@ impl EmbeddedBroker {
             .map_err(|e| anyhow!("starting the MQTT broker: {e}"))?
             .with_auth_provider(Arc::clone(&gate) as Arc<dyn AuthProvider>);
 
+        gate.set_router(&broker.router());
         let shared = Arc::new(Shared {
             config: Arc::new(mqtt_config),
             router: broker.router(),
@@ -247,6 +276,18 @@ impl EmbeddedBroker {
     /// The TLS listener's actual address, if there is one.
     pub fn tls_addr(&self) -> Option<SocketAddr> {
         self.tls_addr
+    }
+
+    /// A handle for revoking agents while the broker runs.
+    pub fn access(&self) -> BrokerAccess {
+        BrokerAccess {
+            gate: Arc::clone(&self.gate),
+        }
+    }
+
+    /// Revokes agent `id` now (see [`BrokerAccess::revoke_agent`]).
+    pub async fn revoke_agent(&self, id: &str) -> bool {
+        self.access().revoke_agent(id).await
     }
 
     /// How many CONNECTs, publishes, subscriptions, retained publishes and wills the ACL
@@ -1146,6 +1187,106 @@ mod tests {
             .await
             .unwrap_err();
             assert!(err.to_string().contains("cert.pem"), "{err:#}");
+        })
+        .await;
+    }
+
+    /// [`TestAuth`] behind a credential store that can delete users and be slow.
+    #[derive(Default)]
+    struct StoreAuth {
+        deleted: std::sync::Mutex<std::collections::HashSet<String>>,
+        delay_ms: AtomicU64,
+    }
+
+    impl StoreAuth {
+        fn set_deleted(&self, user: &str, deleted: bool) {
+            let mut d = self.deleted.lock().unwrap();
+            if deleted {
+                d.insert(user.to_string());
+            } else {
+                d.remove(user);
+            }
+        }
+    }
+
+    impl Authenticator for StoreAuth {
+        fn authenticate(&self, client_id: &str, user: &str, password: &[u8]) -> Option<Principal> {
+            std::thread::sleep(Duration::from_millis(self.delay_ms.load(Ordering::SeqCst)));
+            if self.deleted.lock().unwrap().contains(user) {
+                return None;
+            }
+            TestAuth.authenticate(client_id, user, password)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revoked_agent_is_dropped_refused_and_marked_offline() {
+        bounded(async {
+            let auth = Arc::new(StoreAuth::default());
+            let broker = EmbeddedBroker::start(config(), Arc::clone(&auth) as _)
+                .await
+                .unwrap();
+            let addr = broker.local_addr();
+            let mut control = connect(addr, "control-1", "control", true).await.unwrap();
+            control.subscribe(UP_FILTER).await;
+            let mut a = connect(addr, "agent-a", "agent-a", false).await.unwrap();
+            a.subscribe(&topics::down_filter("agent-a")).await;
+            let mut b = connect(addr, "agent-b", "agent-b", true).await.unwrap();
+
+            // Deregistration: the credential goes, then the broker revokes.
+            auth.set_deleted("agent-a", true);
+            assert!(
+                broker.revoke_agent("agent-a").await,
+                "agent-a was connected"
+            );
+            assert!(
+                a.closed_within(STEP).await,
+                "still connected after revocation"
+            );
+            // The status its will would have set, retained; the will itself is denied.
+            let offline = r#"{"state":"offline"}"#;
+            let got = control.publishes_until(offline).await;
+            assert_eq!(
+                got,
+                vec![(topics::up("agent-a", Up::Status), offline.to_string())]
+            );
+            assert!(connect(addr, "agent-a", "agent-a", true).await.is_err());
+
+            // A credential check that began before the revocation (and so still saw the
+            // credential) does not let it in.
+            auth.set_deleted("agent-a", false);
+            auth.delay_ms.store(1500, Ordering::SeqCst);
+            let racing = tokio::spawn(connect(addr, "agent-a", "agent-a", true));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            broker.revoke_agent("agent-a").await;
+            assert!(
+                racing.await.unwrap().is_err(),
+                "a connection authenticated before the revocation got in"
+            );
+            auth.delay_ms.store(0, Ordering::SeqCst);
+            assert_eq!(control.publishes_until(offline).await.len(), 1);
+
+            // A check that began after it passed with a new credential: admitted again.
+            let mut a = connect(addr, "agent-a", "agent-a", true)
+                .await
+                .expect("a new credential is accepted");
+            a.publish(&topics::up("agent-a", Up::Result), false, "back")
+                .await;
+            let got = control.publishes_until("back").await;
+            assert_eq!(
+                got,
+                vec![(topics::up("agent-a", Up::Result), "back".into())]
+            );
+
+            // Others were never touched.
+            b.publish(&topics::up("agent-b", Up::Result), false, "b-still-here")
+                .await;
+            control.publishes_until("b-still-here").await;
+            assert!(!broker.revoke_agent("nobody").await);
+            for c in [a, b, control] {
+                c.disconnect().await;
+            }
+            broker.shutdown().await.unwrap();
         })
         .await;
     }

@@ -48,6 +48,16 @@ impl DataDir {
         self.keys_dir().join("control-plane.key")
     }
 
+    /// The root key, which signs key sets.
+    pub fn root_key(&self) -> PathBuf {
+        self.keys_dir().join("root.key")
+    }
+
+    /// The current signed key set.
+    pub fn keyset(&self) -> PathBuf {
+        self.keys_dir().join("keyset.json")
+    }
+
     /// The SQLite database.
     pub fn database(&self) -> PathBuf {
         self.0.join("drover.db")

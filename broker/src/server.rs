@@ -40,6 +40,9 @@ pub struct ServeConfig {
     pub external_credentials: Option<(String, String)>,
     /// CA file for an external `mqtts://` broker.
     pub ca_file: Option<PathBuf>,
+    /// The broker URL enrolling agents are told to dial, when not the one the server
+    /// itself uses (a public address, say).
+    pub advertise_broker: Option<String>,
 }
 
 /// What a running server tells the CLI and tests: written to `server.json`.
@@ -65,6 +68,14 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
             data.control_plane_key().display()
         )
     })?;
+    let (keyset, ks) = crate::trust::load(data)?;
+    if !ks.control_plane.contains(&signer.public()) {
+        anyhow::bail!(
+            "the control-plane key {} is not in key set version {}: agents would refuse every job",
+            signer.public().short(),
+            ks.version
+        );
+    }
     let store = Store::open(&data.database())?;
     let token = data.ensure_api_token()?;
 
@@ -118,7 +129,8 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
         link_shutdown.clone(),
     )
     .map_err(anyhow::Error::msg)?;
-    let (control, control_task) = ControlPlane::start(store.clone(), link, signer, incoming);
+    let (control, control_task) =
+        ControlPlane::start(store.clone(), link, signer, keyset, incoming);
 
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await
@@ -127,6 +139,12 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
     let app = crate::api::router(crate::api::ApiState {
         control: control.clone(),
         token,
+        data: data.clone(),
+        broker: broker.as_ref().map(EmbeddedBroker::access),
+        broker_url: config
+            .advertise_broker
+            .clone()
+            .unwrap_or_else(|| broker_url.to_string()),
     });
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {

@@ -26,14 +26,16 @@ CREATE TABLE IF NOT EXISTS agents (
     online INTEGER NOT NULL DEFAULT 0,
     first_seen_ms INTEGER NOT NULL,
     last_seen_ms INTEGER NOT NULL,
-    status_changed_ms INTEGER NOT NULL
+    status_changed_ms INTEGER NOT NULL,
+    deregistered_ms INTEGER
 );
 CREATE TABLE IF NOT EXISTS broker_users (
     username TEXT PRIMARY KEY,
     role TEXT NOT NULL,
     salt BLOB NOT NULL,
     hash BLOB NOT NULL,
-    created_ms INTEGER NOT NULL
+    created_ms INTEGER NOT NULL,
+    mosquitto_hash TEXT
 );
 CREATE TABLE IF NOT EXISTS blobs (
     sha256 TEXT PRIMARY KEY,
@@ -74,6 +76,34 @@ CREATE TABLE IF NOT EXISTS events (
     kind TEXT NOT NULL,
     message TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS activations (
+    id TEXT PRIMARY KEY,
+    salt BLOB NOT NULL,
+    code_hash BLOB NOT NULL,
+    agent_id TEXT,
+    tags TEXT NOT NULL DEFAULT '{}',
+    max_uses INTEGER NOT NULL,
+    uses INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    revoked_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS agent_keys (
+    agent_id TEXT PRIMARY KEY,
+    signing_key TEXT NOT NULL,
+    sealing_key TEXT NOT NULL,
+    activation_id TEXT NOT NULL,
+    enrolled_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
 "#;
 
 /// An agent as the server knows it.
@@ -101,6 +131,9 @@ pub struct AgentRow {
     pub last_seen_ms: u64,
     /// When `online` last changed, Unix ms.
     pub status_changed_ms: u64,
+    /// When it was deregistered (its broker credential deleted), Unix ms.
+    #[serde(default)]
+    pub deregistered_ms: Option<u64>,
 }
 
 /// A published plugin.
@@ -187,6 +220,82 @@ pub struct BrokerUser {
     pub salt: Vec<u8>,
     /// SHA-256 of salt and password.
     pub hash: Vec<u8>,
+}
+
+/// An activation: a code agents enroll with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ActivationRow {
+    /// Id, shown to operators.
+    pub id: String,
+    /// The agent id it is bound to, if any.
+    pub agent_id: Option<String>,
+    /// Tags enrolled agents get.
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// How many agents may enroll with it.
+    pub max_uses: u32,
+    /// How many have.
+    pub uses: u32,
+    /// Created, Unix ms.
+    pub created_ms: u64,
+    /// Expires, Unix ms.
+    pub expires_ms: u64,
+    /// Revoked, Unix ms.
+    pub revoked_ms: Option<u64>,
+}
+
+/// An agent's enrolled public keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentKeys {
+    /// The agent.
+    pub agent_id: String,
+    /// Ed25519: results and heartbeats.
+    pub signing_key: drover_protocol::keys::PublicKey,
+    /// X25519, hex: sealed secrets.
+    pub sealing_key: String,
+    /// The activation it enrolled with.
+    pub activation_id: String,
+}
+
+/// One audit entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditRow {
+    /// Sequence.
+    pub id: i64,
+    /// When, Unix ms.
+    pub at_ms: u64,
+    /// Who: `operator`, `agent:ID`, `enroll:ACTIVATION`.
+    pub actor: String,
+    /// What, such as `plugin.publish`, `job.create`, `job.result`.
+    pub action: String,
+    /// On what.
+    pub target: String,
+    /// `ok`, `refused`, `failed`, ...
+    pub outcome: String,
+    /// Details.
+    pub detail: String,
+}
+
+/// Audit filters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AuditFilter {
+    /// Exact actor.
+    pub actor: Option<String>,
+    /// Action prefix.
+    pub action: Option<String>,
+    /// Exact target.
+    pub target: Option<String>,
+    /// Exact outcome.
+    pub outcome: Option<String>,
+    /// Not before, Unix ms.
+    #[serde(default)]
+    pub since_ms: u64,
+    /// At most this many.
+    #[serde(default = "default_limit")]
+    pub limit: u32,
+}
+
+fn default_limit() -> u32 {
+    100
 }
 
 /// What recording a result did.
@@ -286,7 +395,7 @@ impl Store {
     pub fn agents(&self) -> anyhow::Result<Vec<AgentRow>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT id, hostname, os, os_version, arch, agent_version, tags, online, first_seen_ms, last_seen_ms, status_changed_ms
+            "SELECT id, hostname, os, os_version, arch, agent_version, tags, online, first_seen_ms, last_seen_ms, status_changed_ms, deregistered_ms
              FROM agents ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -302,6 +411,7 @@ impl Store {
                 first_seen_ms: r.get::<_, i64>(8)? as u64,
                 last_seen_ms: r.get::<_, i64>(9)? as u64,
                 status_changed_ms: r.get::<_, i64>(10)? as u64,
+                deregistered_ms: r.get::<_, Option<i64>>(11)?.map(|v| v as u64),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -309,21 +419,93 @@ impl Store {
 
     // ---- broker credentials ----
 
-    /// Stores (replacing) a broker credential.
+    /// Stores (replacing) a broker credential; `mosquitto_hash` is the same password as a
+    /// Mosquitto password-file hash. A deregistered agent given a new credential is
+    /// registered again.
     pub fn put_broker_user(
         &self,
         username: &str,
         role: &str,
         salt: &[u8],
         hash: &[u8],
+        mosquitto_hash: Option<&str>,
         now: u64,
     ) -> anyhow::Result<()> {
-        self.conn().execute(
-            "INSERT INTO broker_users (username, role, salt, hash, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT(username) DO UPDATE SET role = ?2, salt = ?3, hash = ?4, created_ms = ?5",
-            params![username, role, salt, hash, to_i64(now)],
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO broker_users (username, role, salt, hash, created_ms, mosquitto_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT(username) DO UPDATE SET role = ?2, salt = ?3, hash = ?4, created_ms = ?5, mosquitto_hash = ?6",
+            params![username, role, salt, hash, to_i64(now), mosquitto_hash],
         )?;
+        if role == "agent" {
+            tx.execute(
+                "UPDATE agents SET deregistered_ms = NULL WHERE id = ?1",
+                params![username],
+            )?;
+        }
+        tx.commit()?;
         Ok(())
+    }
+
+    /// The agents' broker logins (not deregistered ones: their credentials are gone), by
+    /// username, with their Mosquitto password-file hashes (None for credentials minted
+    /// before those were kept).
+    pub fn agent_broker_logins(&self) -> anyhow::Result<Vec<(String, Option<String>)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT username, mosquitto_hash FROM broker_users
+             WHERE role = 'agent'
+               AND username NOT IN (SELECT id FROM agents WHERE deregistered_ms IS NOT NULL)
+             ORDER BY username",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Deregisters an agent: deletes its broker credential and marks it deregistered
+    /// (and offline). False if the server knows no agent or credential by that id.
+    /// Deregistering again keeps the first time.
+    pub fn deregister_agent(&self, id: &str, now: u64) -> anyhow::Result<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let credentials = tx.execute(
+            "DELETE FROM broker_users WHERE username = ?1 AND role = 'agent'",
+            params![id],
+        )?;
+        let known: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM agents WHERE id = ?1)",
+            params![id],
+            |r| r.get(0),
+        )?;
+        if credentials == 0 && !known {
+            return Ok(false);
+        }
+        // An agent that never connected has a credential but no row yet.
+        tx.execute(
+            "INSERT INTO agents (id, online, first_seen_ms, last_seen_ms, status_changed_ms, deregistered_ms)
+             VALUES (?1, 0, ?2, 0, ?2, ?2)
+             ON CONFLICT(id) DO UPDATE SET
+                status_changed_ms = CASE WHEN online != 0 THEN ?2 ELSE status_changed_ms END,
+                online = 0,
+                deregistered_ms = COALESCE(deregistered_ms, ?2)",
+            params![id, to_i64(now)],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Whether agent `id` is deregistered (false for unknown agents).
+    pub fn is_deregistered(&self, id: &str) -> anyhow::Result<bool> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT deregistered_ms IS NOT NULL FROM agents WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(false))
     }
 
     /// A broker credential.
@@ -595,6 +777,179 @@ impl Store {
             })
         })?;
         let mut v: Vec<EventRow> = rows.collect::<Result<_, _>>()?;
+        v.reverse();
+        Ok(v)
+    }
+
+    // ---- activations and agent keys ----
+
+    /// Stores a new activation.
+    pub fn create_activation(
+        &self,
+        a: &ActivationRow,
+        salt: &[u8],
+        code_hash: &[u8],
+    ) -> anyhow::Result<()> {
+        self.conn().execute(
+            "INSERT INTO activations (id, salt, code_hash, agent_id, tags, max_uses, uses, created_ms, expires_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8)",
+            params![
+                a.id,
+                salt,
+                code_hash,
+                a.agent_id,
+                serde_json::to_string(&a.tags)?,
+                a.max_uses,
+                to_i64(a.created_ms),
+                to_i64(a.expires_ms)
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn activation_from_row(
+        r: &rusqlite::Row<'_>,
+    ) -> rusqlite::Result<(ActivationRow, Vec<u8>, Vec<u8>)> {
+        Ok((
+            ActivationRow {
+                id: r.get(0)?,
+                agent_id: r.get(3)?,
+                tags: serde_json::from_str(&r.get::<_, String>(4)?).unwrap_or_default(),
+                max_uses: r.get(5)?,
+                uses: r.get(6)?,
+                created_ms: r.get::<_, i64>(7)? as u64,
+                expires_ms: r.get::<_, i64>(8)? as u64,
+                revoked_ms: r.get::<_, Option<i64>>(9)?.map(|v| v as u64),
+            },
+            r.get(1)?,
+            r.get(2)?,
+        ))
+    }
+
+    /// An activation with its salt and code hash.
+    pub fn activation(
+        &self,
+        id: &str,
+    ) -> anyhow::Result<Option<(ActivationRow, Vec<u8>, Vec<u8>)>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT id, salt, code_hash, agent_id, tags, max_uses, uses, created_ms, expires_ms, revoked_ms FROM activations WHERE id = ?1",
+                params![id],
+                Self::activation_from_row,
+            )
+            .optional()?)
+    }
+
+    /// All activations, newest first.
+    pub fn activations(&self) -> anyhow::Result<Vec<ActivationRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, salt, code_hash, agent_id, tags, max_uses, uses, created_ms, expires_ms, revoked_ms FROM activations ORDER BY created_ms DESC",
+        )?;
+        let rows = stmt.query_map([], Self::activation_from_row)?;
+        Ok(rows
+            .map(|r| r.map(|(a, _, _)| a))
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Revokes an activation; false if there is none.
+    pub fn revoke_activation(&self, id: &str, now: u64) -> anyhow::Result<bool> {
+        Ok(self.conn().execute(
+            "UPDATE activations SET revoked_ms = ?2 WHERE id = ?1 AND revoked_ms IS NULL",
+            params![id, to_i64(now)],
+        )? > 0)
+    }
+
+    /// Uses an activation once, if it still has uses; false if it has none left.
+    pub fn use_activation(&self, id: &str) -> anyhow::Result<bool> {
+        Ok(self.conn().execute(
+            "UPDATE activations SET uses = uses + 1 WHERE id = ?1 AND uses < max_uses",
+            params![id],
+        )? > 0)
+    }
+
+    /// Records an agent's enrolled keys (replacing earlier ones).
+    pub fn put_agent_keys(&self, k: &AgentKeys, now: u64) -> anyhow::Result<()> {
+        self.conn().execute(
+            "INSERT INTO agent_keys (agent_id, signing_key, sealing_key, activation_id, enrolled_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(agent_id) DO UPDATE SET signing_key = ?2, sealing_key = ?3, activation_id = ?4, enrolled_ms = ?5",
+            params![k.agent_id, k.signing_key.to_hex(), k.sealing_key, k.activation_id, to_i64(now)],
+        )?;
+        Ok(())
+    }
+
+    /// An agent's enrolled keys.
+    pub fn agent_keys(&self, agent_id: &str) -> anyhow::Result<Option<AgentKeys>> {
+        let row: Option<(String, String, String, String)> = self
+            .conn()
+            .query_row(
+                "SELECT agent_id, signing_key, sealing_key, activation_id FROM agent_keys WHERE agent_id = ?1",
+                params![agent_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        row.map(|(agent_id, sk, sealing_key, activation_id)| {
+            Ok(AgentKeys {
+                agent_id,
+                signing_key: drover_protocol::keys::PublicKey::from_hex(&sk)?,
+                sealing_key,
+                activation_id,
+            })
+        })
+        .transpose()
+    }
+
+    // ---- audit ----
+
+    /// Appends to the audit log.
+    pub fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        outcome: &str,
+        detail: &str,
+        now: u64,
+    ) -> anyhow::Result<()> {
+        self.conn().execute(
+            "INSERT INTO audit (at_ms, actor, action, target, outcome, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![to_i64(now), actor, action, target, outcome, detail],
+        )?;
+        Ok(())
+    }
+
+    /// Reads the audit log, newest last, filtered.
+    pub fn audit_log(&self, f: &AuditFilter) -> anyhow::Result<Vec<AuditRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, at_ms, actor, action, target, outcome, detail FROM audit
+             WHERE (?1 IS NULL OR actor = ?1) AND (?2 IS NULL OR action LIKE ?2 || '%')
+               AND (?3 IS NULL OR target = ?3) AND (?4 IS NULL OR outcome = ?4) AND at_ms >= ?5
+             ORDER BY id DESC LIMIT ?6",
+        )?;
+        let rows = stmt.query_map(
+            params![
+                f.actor,
+                f.action,
+                f.target,
+                f.outcome,
+                to_i64(f.since_ms),
+                f.limit
+            ],
+            |r| {
+                Ok(AuditRow {
+                    id: r.get(0)?,
+                    at_ms: r.get::<_, i64>(1)? as u64,
+                    actor: r.get(2)?,
+                    action: r.get(3)?,
+                    target: r.get(4)?,
+                    outcome: r.get(5)?,
+                    detail: r.get(6)?,
+                })
+            },
+        )?;
+        let mut v: Vec<AuditRow> = rows.collect::<Result<_, _>>()?;
         v.reverse();
         Ok(v)
     }

@@ -23,6 +23,9 @@ pub struct Hello {
     pub tags: BTreeMap<String, String>,
     /// When the agent process started, Unix milliseconds.
     pub started_at_ms: u64,
+    /// The version of the key set the agent trusts.
+    #[serde(default)]
+    pub keyset_version: u64,
 }
 
 /// Presence, published retained; the last will publishes `Offline`.

@@ -2,19 +2,23 @@
 //!
 //! - [`topics`]: the MQTT topic layout and agent-id rules.
 //! - [`keys`]: Ed25519 keys on disk and on the wire.
+//! - [`keyset`]: root-signed sets of trusted keys, and their rotation.
 //! - [`signed`]: signed documents and their one canonical encoding.
 //! - [`manifest`]: plugin manifests and capabilities.
 //! - [`job`]: job envelopes, limits and results.
 //! - [`chunk`]: plugin blobs in chunks.
 //! - [`secret`]: secrets sealed to one agent.
 //! - [`agent`]: what an agent announces.
+//! - [`enroll`]: enrollment, heartbeats, and what agents sign.
 //! - `link` (feature `link`): the MQTT connection with reconnect and backoff.
 //!
 //! Everything here decodes untrusted bytes; nothing here panics on them.
 pub mod agent;
 pub mod chunk;
+pub mod enroll;
 pub mod job;
 pub mod keys;
+pub mod keyset;
 pub mod manifest;
 pub mod secret;
 pub mod signed;

@@ -24,16 +24,24 @@ pub trait Signable: Serialize + DeserializeOwned {
 /// Why a signed document was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SignatureError {
-    /// The signing key is not one the verifier trusts.
-    #[error("signed by an untrusted key {0}")]
-    UnknownKey(String),
-    /// The signature does not match the payload.
-    #[error("bad signature: the document was altered or not signed by {0}")]
-    BadSignature(String),
     /// There is no signature at all.
     #[error("the document is not signed")]
     Unsigned,
-    /// The signature is not valid base64.
+    /// No signing key is one the verifier trusts.
+    #[error("signed by an untrusted key {0}")]
+    UnknownKey(String),
+    /// A trusted key's signature does not match the payload.
+    #[error("bad signature: the document was altered or not signed by {0}")]
+    BadSignature(String),
+    /// Valid signatures from too few distinct trusted keys.
+    #[error("signed by {have} distinct trusted key(s), {need} needed")]
+    Threshold {
+        /// Distinct trusted keys with valid signatures.
+        have: usize,
+        /// How many are needed.
+        need: usize,
+    },
+    /// A signature is not valid base64.
     #[error("malformed signature encoding")]
     Malformed,
     /// The payload verified but is not a valid document of this kind.
@@ -41,16 +49,23 @@ pub enum SignatureError {
     Payload(String),
 }
 
-/// A document of kind `T` with its signature.
+/// One signature over a document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signature {
+    /// The key that signed.
+    pub key: PublicKey,
+    /// The Ed25519 signature, base64.
+    pub signature: String,
+}
+
+/// A document of kind `T` with its signatures.
 #[derive(Serialize, Deserialize)]
 #[serde(bound = "")]
 pub struct Signed<T: Signable> {
     /// The signed bytes: the document as JSON text.
     pub payload: String,
-    /// The key that signed it.
-    pub key: PublicKey,
-    /// The Ed25519 signature, base64.
-    pub signature: String,
+    /// One or more signatures over `payload`.
+    pub signatures: Vec<Signature>,
     #[serde(skip)]
     _kind: PhantomData<fn() -> T>,
 }
@@ -59,8 +74,7 @@ impl<T: Signable> Clone for Signed<T> {
     fn clone(&self) -> Self {
         Signed {
             payload: self.payload.clone(),
-            key: self.key,
-            signature: self.signature.clone(),
+            signatures: self.signatures.clone(),
             _kind: PhantomData,
         }
     }
@@ -70,7 +84,10 @@ impl<T: Signable> std::fmt::Debug for Signed<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Signed")
             .field("kind", &T::CONTEXT)
-            .field("key", &self.key)
+            .field(
+                "keys",
+                &self.signatures.iter().map(|s| s.key).collect::<Vec<_>>(),
+            )
             .field("payload_len", &self.payload.len())
             .finish()
     }
@@ -89,33 +106,71 @@ impl<T: Signable> Signed<T> {
     /// Serialises and signs `value`.
     pub fn sign(value: &T, key: &SigningKey) -> Signed<T> {
         let payload = serde_json::to_string(value).expect("signable types serialise");
-        let sig = key.sign(&message(T::CONTEXT, payload.as_bytes()));
-        Signed {
+        let mut s = Signed {
             payload,
-            key: key.public(),
-            signature: base64::engine::general_purpose::STANDARD.encode(sig),
+            signatures: Vec::new(),
             _kind: PhantomData,
-        }
+        };
+        s.add_signature(key);
+        s
     }
 
-    /// Checks the signature against the trusted keys, then parses the payload.
+    /// Adds `key`'s signature (a co-signature) over the same payload.
+    pub fn add_signature(&mut self, key: &SigningKey) {
+        let sig = key.sign(&message(T::CONTEXT, self.payload.as_bytes()));
+        self.signatures.push(Signature {
+            key: key.public(),
+            signature: base64::engine::general_purpose::STANDARD.encode(sig),
+        });
+    }
+
+    /// Checks for one valid signature by a trusted key, then parses the payload.
     pub fn verify(&self, trusted: &[PublicKey]) -> Result<T, SignatureError> {
-        if self.signature.is_empty() {
+        self.verify_threshold(trusted, 1)
+    }
+
+    /// Checks for valid signatures by at least `threshold` *distinct* trusted keys, then
+    /// parses the payload. The same key signing twice counts once.
+    pub fn verify_threshold(
+        &self,
+        trusted: &[PublicKey],
+        threshold: usize,
+    ) -> Result<T, SignatureError> {
+        if self.signatures.is_empty() {
             return Err(SignatureError::Unsigned);
         }
-        if !trusted.contains(&self.key) {
-            return Err(SignatureError::UnknownKey(self.key.short()));
+        let msg = message(T::CONTEXT, self.payload.as_bytes());
+        let mut good: Vec<PublicKey> = Vec::new();
+        let mut bad: Option<PublicKey> = None;
+        let mut malformed = false;
+        for s in &self.signatures {
+            if !trusted.contains(&s.key) || good.contains(&s.key) {
+                continue;
+            }
+            match base64::engine::general_purpose::STANDARD.decode(&s.signature) {
+                Ok(sig) if s.key.verify(&msg, &sig) => good.push(s.key),
+                Ok(_) => bad = bad.or(Some(s.key)),
+                Err(_) => malformed = true,
+            }
         }
-        let sig = base64::engine::general_purpose::STANDARD
-            .decode(&self.signature)
-            .map_err(|_| SignatureError::Malformed)?;
-        if !self
-            .key
-            .verify(&message(T::CONTEXT, self.payload.as_bytes()), &sig)
-        {
-            return Err(SignatureError::BadSignature(self.key.short()));
+        let need = threshold.max(1);
+        if good.len() >= need {
+            return serde_json::from_str(&self.payload)
+                .map_err(|e| SignatureError::Payload(e.to_string()));
         }
-        serde_json::from_str(&self.payload).map_err(|e| SignatureError::Payload(e.to_string()))
+        if let Some(k) = bad {
+            return Err(SignatureError::BadSignature(k.short()));
+        }
+        if malformed {
+            return Err(SignatureError::Malformed);
+        }
+        if good.is_empty() {
+            return Err(SignatureError::UnknownKey(self.signatures[0].key.short()));
+        }
+        Err(SignatureError::Threshold {
+            have: good.len(),
+            need,
+        })
     }
 
     /// Parses the payload without checking anything: for display of documents whose
@@ -162,6 +217,24 @@ mod tests {
             t.verify(&[k.public()]),
             Err(SignatureError::BadSignature(_))
         ));
+
+        // Thresholds count distinct trusted keys only.
+        let k2 = SigningKey::generate();
+        let mut dup = s.clone();
+        dup.signatures.push(dup.signatures[0].clone());
+        assert_eq!(
+            dup.verify_threshold(&[k.public(), k2.public()], 2),
+            Err(SignatureError::Threshold { have: 1, need: 2 })
+        );
+        let mut two = s.clone();
+        two.add_signature(&k2);
+        assert_eq!(
+            two.verify_threshold(&[k.public(), k2.public()], 2).unwrap(),
+            Doc { n: 7 }
+        );
+        let mut none = s.clone();
+        none.signatures.clear();
+        assert_eq!(none.verify(&[k.public()]), Err(SignatureError::Unsigned));
 
         // A signature made for one kind does not verify as another.
         let json = serde_json::to_string(&s).unwrap();

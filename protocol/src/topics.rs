@@ -18,6 +18,8 @@ pub enum Up {
     Result,
     /// A request for a plugin's chunks.
     Fetch,
+    /// A signed heartbeat.
+    Heartbeat,
 }
 
 /// What the control plane sends to an agent.
@@ -29,6 +31,8 @@ pub enum Down {
     Chunk,
     /// The control plane's acknowledgement that a result is stored.
     Ack,
+    /// A new signed key set.
+    Keyset,
 }
 
 impl Up {
@@ -39,6 +43,7 @@ impl Up {
             Up::Hello => "hello",
             Up::Result => "result",
             Up::Fetch => "fetch",
+            Up::Heartbeat => "heartbeat",
         }
     }
 
@@ -49,6 +54,7 @@ impl Up {
             "hello" => Up::Hello,
             "result" => Up::Result,
             "fetch" => Up::Fetch,
+            "heartbeat" => Up::Heartbeat,
             _ => return None,
         })
     }
@@ -61,6 +67,7 @@ impl Down {
             Down::Job => "job",
             Down::Chunk => "chunk",
             Down::Ack => "ack",
+            Down::Keyset => "keyset",
         }
     }
 
@@ -70,6 +77,7 @@ impl Down {
             "job" => Down::Job,
             "chunk" => Down::Chunk,
             "ack" => Down::Ack,
+            "keyset" => Down::Keyset,
             _ => return None,
         })
     }
@@ -140,12 +148,12 @@ mod tests {
 
     #[test]
     fn up_topics_round_trip() {
-        for kind in [Up::Status, Up::Hello, Up::Result, Up::Fetch] {
+        for kind in [Up::Status, Up::Hello, Up::Result, Up::Fetch, Up::Heartbeat] {
             let t = up("web-1", kind);
             assert_eq!(parse_up(&t), Some(("web-1", kind)));
             assert_eq!(parse_down(&t), None);
         }
-        for kind in [Down::Job, Down::Chunk, Down::Ack] {
+        for kind in [Down::Job, Down::Chunk, Down::Ack, Down::Keyset] {
             let t = down("web-1", kind);
             assert_eq!(parse_down(&t), Some(("web-1", kind)));
             assert_eq!(parse_up(&t), None);

@@ -1,6 +1,7 @@
 //! End to end: the real `drover` and `drover-agent` binaries, a real broker (the embedded
 //! one, and Mosquitto), and real plugins built from `plugins/`.
 
+mod capabilities;
 mod support;
 
 use std::time::{Duration, Instant};
@@ -241,7 +242,7 @@ fn rejections_are_clear_and_nothing_runs() {
     server.publish(&misbehave, "unsigned", 1, "task", &[], None);
     sqlite(&server)
         .execute(
-            "UPDATE plugins SET manifest = json_set(manifest, '$.signature', '') WHERE name = 'unsigned'",
+            "UPDATE plugins SET manifest = json_set(manifest, '$.signatures', json('[]')) WHERE name = 'unsigned'",
             [],
         )
         .unwrap();

@@ -1,9 +1,8 @@
-//! `drover agents list|add|events`.
+//! `drover agents list|add|events|deregister`.
 
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use drover_protocol::keys::{load_public, public_path};
 
 use super::{Ctx, Output, ago, parse_tag, print_json, print_table};
 use crate::api::Credentials;
@@ -18,6 +17,16 @@ pub enum AgentsCommand {
     Add(AddArgs),
     /// Show what agents reported outside of job results: refusals, bad messages.
     Events(EventsArgs),
+    /// Deregister an agent: its broker credential stops working at once, and the embedded
+    /// broker drops its connection.
+    Deregister(DeregisterArgs),
+}
+
+/// Flags of `drover agents deregister`.
+#[derive(Debug, clap::Args)]
+pub struct DeregisterArgs {
+    /// The agent's id.
+    id: String,
 }
 
 /// Flags of `drover agents add`.
@@ -43,6 +52,12 @@ pub struct AddArgs {
     /// Do not allow the host-facts capability.
     #[arg(long)]
     deny_host_facts: bool,
+    /// A program plugins may be granted to run (exact absolute path, policy); repeatable.
+    #[arg(long = "allow-exec", value_name = "PATH")]
+    allow_exec: Vec<String>,
+    /// A HOST:PORT plugins may be granted TCP connections to (policy); repeatable.
+    #[arg(long = "allow-network", value_name = "HOST:PORT")]
+    allow_network: Vec<String>,
 }
 
 /// Flags of `drover agents events`.
@@ -61,7 +76,34 @@ pub fn run(ctx: &Ctx, cmd: AgentsCommand) -> anyhow::Result<i32> {
         AgentsCommand::List => list(ctx),
         AgentsCommand::Add(a) => add(ctx, a),
         AgentsCommand::Events(a) => events(ctx, a),
+        AgentsCommand::Deregister(a) => deregister(ctx, a),
     }
+}
+
+fn deregister(ctx: &Ctx, a: DeregisterArgs) -> anyhow::Result<i32> {
+    let d: crate::api::Deregistered = ctx.client()?.post(
+        "deregister agent",
+        &format!("/api/v1/agents/{}/deregister", a.id),
+        &serde_json::json!({}),
+    )?;
+    match ctx.output {
+        Output::Json => print_json(&d)?,
+        Output::Text if d.embedded_broker => println!(
+            "agent {} deregistered: its credential is deleted{}",
+            d.id,
+            if d.disconnected {
+                " and its connection closed"
+            } else {
+                " (it was not connected)"
+            }
+        ),
+        Output::Text => println!(
+            "agent {} deregistered: its credential is deleted; write the external broker's \
+             files again (drover broker acl) and reload it",
+            d.id
+        ),
+    }
+    Ok(0)
 }
 
 fn list(ctx: &Ctx) -> anyhow::Result<i32> {
@@ -75,7 +117,12 @@ fn list(ctx: &Ctx) -> anyhow::Result<i32> {
         .map(|a| {
             vec![
                 a.id.clone(),
-                if a.online { "online" } else { "offline" }.to_string(),
+                match (a.deregistered_ms, a.online) {
+                    (Some(_), _) => "deregistered",
+                    (None, true) => "online",
+                    (None, false) => "offline",
+                }
+                .to_string(),
                 a.hostname.clone(),
                 a.os_version.clone(),
                 a.arch.clone(),
@@ -110,6 +157,18 @@ fn toml_str(s: &str) -> String {
 }
 
 fn add(ctx: &Ctx, a: AddArgs) -> anyhow::Result<i32> {
+    // Checked before anything is minted: the agent would refuse to start with them.
+    for p in &a.allow_exec {
+        if !drover_protocol::manifest::is_clean_absolute(p) {
+            anyhow::bail!(
+                "--allow-exec {p:?}: give a program's absolute path, without '.', '..' or '//'"
+            );
+        }
+    }
+    for n in &a.allow_network {
+        n.parse::<drover_protocol::manifest::NetAddr>()
+            .map_err(|e| anyhow::anyhow!("--allow-network: {e}"))?;
+    }
     let client = ctx.client()?;
     let creds: Credentials = client.post(
         "create credentials",
@@ -120,10 +179,10 @@ fn add(ctx: &Ctx, a: AddArgs) -> anyhow::Result<i32> {
         Some(b) => b,
         None => ctx.data.read_server_info()?.broker,
     };
-    let publisher = load_public(&public_path(&ctx.data.publisher_key()))
-        .context("reading the publisher public key (run `drover keygen`)")?;
-    let control = load_public(&public_path(&ctx.data.control_plane_key()))
-        .context("reading the control-plane public key (run `drover keygen`)")?;
+    let (signed_keyset, keyset) = crate::trust::load(&ctx.data)?;
+    let keyset_out = crate::trust::beside(&a.out, "keyset.json");
+    std::fs::write(&keyset_out, serde_json::to_vec_pretty(&signed_keyset)?)
+        .with_context(|| format!("writing {}", keyset_out.display()))?;
     let mut text = String::new();
     text.push_str("# drover-agent configuration, written by `drover agents add`.\n");
     text.push_str(&format!("id = {}\n", toml_str(&a.id)));
@@ -135,23 +194,49 @@ fn add(ctx: &Ctx, a: AddArgs) -> anyhow::Result<i32> {
             toml_str(&d.display().to_string())
         ));
     }
+    // The agent makes its own keys and registers them with this one-time activation the
+    // first time it starts; the keys never leave the device.
+    let activation: crate::enrollment::ActivationCreated = client.post(
+        "create activation",
+        "/api/v1/activations",
+        &crate::api::ActivationRequest {
+            expires_secs: 24 * 3600,
+            max_uses: 1,
+            tags: a.tags.iter().cloned().collect(),
+            agent_id: Some(a.id.clone()),
+        },
+    )?;
+    let api = match &ctx.server {
+        Some(s) => s.clone(),
+        None => ctx.data.read_server_info()?.api,
+    };
+    text.push_str("\n[enroll]\n");
+    text.push_str(&format!("server = {}\n", toml_str(&api)));
+    text.push_str(&format!(
+        "activation_id = {}\n",
+        toml_str(&activation.activation.id)
+    ));
+    text.push_str(&format!("code = {}\n", toml_str(&activation.code)));
     text.push_str("\n[tags]\n");
     for (k, v) in &a.tags {
         text.push_str(&format!("{} = {}\n", toml_str(k), toml_str(v)));
     }
     text.push_str("\n[trust]\n");
+    let roots: Vec<String> = keyset.roots.iter().map(|k| toml_str(&k.to_hex())).collect();
+    text.push_str(&format!("roots = [{}]\n", roots.join(", ")));
+    text.push_str(&format!("root_threshold = {}\n", keyset.root_threshold));
     text.push_str(&format!(
-        "publishers = [{}]\n",
-        toml_str(&publisher.to_hex())
-    ));
-    text.push_str(&format!(
-        "control_plane = [{}]\n",
-        toml_str(&control.to_hex())
+        "keyset_file = {}\n",
+        toml_str(&keyset_out.display().to_string())
     ));
     text.push_str("\n[policy]\n");
     text.push_str(&format!("host_facts = {}\n", !a.deny_host_facts));
     let paths: Vec<String> = a.allow_read.iter().map(|p| toml_str(p)).collect();
     text.push_str(&format!("read_paths = [{}]\n", paths.join(", ")));
+    let programs: Vec<String> = a.allow_exec.iter().map(|p| toml_str(p)).collect();
+    text.push_str(&format!("exec = [{}]\n", programs.join(", ")));
+    let addrs: Vec<String> = a.allow_network.iter().map(|n| toml_str(n)).collect();
+    text.push_str(&format!("network = [{}]\n", addrs.join(", ")));
     drover_protocol::keys::write_private(&a.out, text.as_bytes())
         .with_context(|| format!("writing {} (it must not exist yet)", a.out.display()))?;
     match ctx.output {

@@ -8,8 +8,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::paths::DataDir;
 
+mod activation;
 mod agents;
+mod audit;
+mod broker;
 mod keygen;
+mod keyset;
 mod plugin;
 mod run;
 mod serve;
@@ -53,6 +57,14 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Create the publisher and control-plane keys.
     Keygen(keygen::KeygenArgs),
+    /// Mint, list and revoke activation codes agents enroll with.
+    #[command(subcommand)]
+    Activation(activation::ActivationCommand),
+    /// The audit log: every operator action and every job execution.
+    Audit(audit::AuditArgs),
+    /// Show or rotate the key set agents trust.
+    #[command(subcommand)]
+    Keyset(keyset::KeysetCommand),
     /// Sign, publish and list plugins.
     #[command(subcommand)]
     Plugin(plugin::PluginCommand),
@@ -67,6 +79,9 @@ pub enum Command {
     /// Show a job and its results.
     #[command(subcommand)]
     Job(run::JobCommand),
+    /// Configure an external broker like the embedded one: logins and topic ACLs.
+    #[command(subcommand)]
+    Broker(broker::BrokerCommand),
 }
 
 /// Shared context for commands.
@@ -97,12 +112,16 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Serve(a) => serve::run(&ctx, a),
         Command::Keygen(a) => keygen::run(&ctx, a),
+        Command::Keyset(c) => keyset::run(&ctx, c),
+        Command::Activation(c) => activation::run(&ctx, c),
+        Command::Audit(a) => audit::run(&ctx, a),
         Command::Plugin(c) => plugin::run(&ctx, c),
         Command::Agents { command } => {
             agents::run(&ctx, command.unwrap_or(agents::AgentsCommand::List))
         }
         Command::Run(a) => run::run(&ctx, a),
         Command::Job(c) => run::job(&ctx, c),
+        Command::Broker(c) => broker::run(&ctx, c),
     }
 }
 

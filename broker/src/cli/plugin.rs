@@ -44,12 +44,23 @@ pub struct SignArgs {
     /// Ask for read-only access to a host directory; repeatable.
     #[arg(long = "read-path")]
     read_paths: Vec<String>,
+    /// Ask to run a program (its exact absolute path) through the process import;
+    /// repeatable.
+    #[arg(long = "exec", value_name = "PATH")]
+    exec: Vec<String>,
+    /// Ask for TCP connections to HOST:PORT; repeatable. Without it, no sockets.
+    #[arg(long = "network", value_name = "HOST:PORT")]
+    network: Vec<String>,
+    /// Ask to read the job parameter NAME; repeatable.
+    #[arg(long = "parameter", value_name = "NAME")]
+    parameters: Vec<String>,
     /// How long agents may install it.
     #[arg(long, default_value = "90d", value_parser = parse_duration)]
     expires: Duration,
-    /// The publisher key; defaults to the data directory's.
+    /// A publisher key to sign with; repeatable, for key sets that need several
+    /// signatures. Defaults to the data directory's publisher key.
     #[arg(long)]
-    key: Option<PathBuf>,
+    key: Vec<PathBuf>,
     /// Where to write the manifest; defaults to <wasm>.manifest.json.
     #[arg(long, short)]
     out: Option<PathBuf>,
@@ -81,9 +92,22 @@ pub fn run(ctx: &Ctx, cmd: PluginCommand) -> anyhow::Result<i32> {
 
 fn sign(ctx: &Ctx, a: SignArgs) -> anyhow::Result<i32> {
     let bytes = std::fs::read(&a.wasm).with_context(|| format!("reading {}", a.wasm.display()))?;
-    let key_path = a.key.unwrap_or_else(|| ctx.data.publisher_key());
-    let key = SigningKey::load(&key_path)
-        .context("loading the publisher key (run `drover keygen` first)")?;
+    let key_paths = if a.key.is_empty() {
+        vec![ctx.data.publisher_key()]
+    } else {
+        a.key
+    };
+    let keys = key_paths
+        .iter()
+        .map(|p| {
+            SigningKey::load(p).with_context(|| {
+                format!(
+                    "loading the publisher key {} (run `drover keygen` first)",
+                    p.display()
+                )
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let now = drover_protocol::now_secs();
     let manifest = Manifest {
         name: a.name,
@@ -94,12 +118,18 @@ fn sign(ctx: &Ctx, a: SignArgs) -> anyhow::Result<i32> {
         capabilities: Capabilities {
             host_facts: a.host_facts,
             read_paths: a.read_paths,
+            exec: a.exec,
+            network: a.network,
+            parameters: a.parameters,
         },
         issued_at: now,
         expires_at: now + a.expires.as_secs(),
     };
     manifest.validate().map_err(anyhow::Error::msg)?;
-    let signed = Signed::sign(&manifest, &key);
+    let mut signed = Signed::sign(&manifest, &keys[0]);
+    for k in &keys[1..] {
+        signed.add_signature(k);
+    }
     let out = a.out.unwrap_or_else(|| default_manifest(&a.wasm));
     std::fs::write(&out, serde_json::to_vec_pretty(&signed)?)
         .with_context(|| format!("writing {}", out.display()))?;

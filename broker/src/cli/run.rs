@@ -45,6 +45,13 @@ pub struct RunArgs {
     /// How long to wait for results; defaults to the plugin deadline plus 30 s.
     #[arg(long, value_parser = parse_duration)]
     wait: Option<Duration>,
+    /// A parameter NAME=VALUE for the plugin's `parameters` import; repeatable.
+    #[arg(long = "param", value_parser = super::parse_tag)]
+    params: Vec<(String, String)>,
+    /// A secret parameter NAME=VALUE, sealed to each target agent's key; repeatable.
+    /// Use NAME=@FILE to read the value from a file.
+    #[arg(long = "secret", value_parser = super::parse_tag)]
+    secrets: Vec<(String, String)>,
     /// Print the job id and exit without waiting.
     #[arg(long)]
     no_wait: bool,
@@ -77,6 +84,17 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> anyhow::Result<i32> {
             memory_mib: a.memory_mib,
             output_kib: a.output_kib,
             delivery_secs: Some(a.delivery_timeout.as_secs().max(1)),
+            parameters: a.params.into_iter().collect(),
+            secrets: a
+                .secrets
+                .into_iter()
+                .map(|(k, v)| match v.strip_prefix('@') {
+                    Some(path) => std::fs::read_to_string(path)
+                        .map(|s| (k, s.trim_end_matches('\n').to_string()))
+                        .map_err(|e| anyhow::anyhow!("--secret {path}: {e}")),
+                    None => Ok((k, v)),
+                })
+                .collect::<anyhow::Result<_>>()?,
         },
     )?;
     if ctx.output == Output::Text {

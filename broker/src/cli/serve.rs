@@ -43,6 +43,9 @@ pub struct ServeArgs {
     /// CA certificates (PEM) for an external mqtts:// broker.
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// The broker URL to give enrolling agents, if not the one the server uses.
+    #[arg(long)]
+    advertise_broker: Option<String>,
 }
 
 pub fn run(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
@@ -80,6 +83,7 @@ pub fn run(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
         external_broker,
         external_credentials,
         ca_file: a.ca_file,
+        advertise_broker: a.advertise_broker,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

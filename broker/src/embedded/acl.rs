@@ -8,21 +8,30 @@
 //! - as its `BrokerEventHandler`: mqtt5 does not pass the retain flag to the publish ACL,
 //!   so retained publishes are vetted in `on_client_publish`, which may drop a message.
 //!
+//! A revoked agent ([`Gate::revoke`]) is refused at CONNECT, denied everything else, and
+//! its live connection is dropped through mqtt5's router.
+//!
 //! The principal travels inside mqtt5 as the session's `user_id` (see
 //! [`Principal::user_id`]). It is set only by [`Gate`], never by a client, and mqtt5
 //! refuses to resume a stored session for a different `user_id`, so a session (and its
 //! queued messages) stays bound to the principal that created it.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Instant;
 
 use drover_protocol::topics::{self, Up};
 use mqtt5::broker::auth::{AuthProvider, AuthResult};
-use mqtt5::broker::events::{BrokerEventHandler, ClientPublishEvent, PublishAction};
+use mqtt5::broker::events::{
+    BrokerEventHandler, ClientConnectEvent, ClientPublishEvent, PublishAction,
+};
+use mqtt5::broker::router::MessageRouter;
 use mqtt5::packet::connect::ConnectPacket;
+use mqtt5::packet::publish::PublishPacket;
 use mqtt5::protocol::v5::reason_codes::ReasonCode;
 
 use super::{Authenticator, Principal};
@@ -109,6 +118,10 @@ pub(super) fn may_subscribe(principal: &Principal, filter: &str) -> bool {
 pub(super) struct Gate {
     auth: Arc<dyn Authenticator>,
     denied: AtomicU64,
+    /// Agents revoked while the broker runs, and when (see [`Gate::revoke`]).
+    revoked: Mutex<HashMap<String, Instant>>,
+    /// mqtt5's router, set once the broker exists: it owns the live connections.
+    router: OnceLock<Weak<MessageRouter>>,
 }
 
 impl Gate {
@@ -116,7 +129,67 @@ impl Gate {
         Gate {
             auth,
             denied: AtomicU64::new(0),
+            revoked: Mutex::new(HashMap::new()),
+            router: OnceLock::new(),
         }
+    }
+
+    /// Gives the gate mqtt5's router, so it can drop revoked agents' connections.
+    pub(super) fn set_router(&self, router: &Arc<MessageRouter>) {
+        let _ = self.router.set(Arc::downgrade(router));
+    }
+
+    fn revoked_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.revoked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_revoked(&self, principal: &Principal) -> bool {
+        match principal {
+            Principal::Control => false,
+            Principal::Agent(id) => self.revoked_map().contains_key(id),
+        }
+    }
+
+    /// Whether agent `id`, whose credential check began at `checked_from`, may connect:
+    /// not if it was revoked since. A check that began after the revocation saw the store
+    /// without the revoked credential, so it passed with a new one: the revocation is
+    /// lifted.
+    fn admit(&self, id: &str, checked_from: Instant) -> bool {
+        let mut revoked = self.revoked_map();
+        match revoked.get(id) {
+            Some(&at) if checked_from <= at => false,
+            Some(_) => {
+                revoked.remove(id);
+                tracing::info!(agent.id = id, "MQTT access restored: a new credential");
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// Revokes agent `id`, whose credential the caller has just deleted: its live
+    /// connection (if any) is closed now and its subscriptions dropped; a connection whose
+    /// credential check began before now is refused, or dropped if it got registered; until
+    /// it connects with a new credential, all its publishes and subscriptions are denied;
+    /// and its status topic gets the retained `offline` its will would have published (the
+    /// ACL denies the will itself). True if it was connected.
+    pub(super) async fn revoke(&self, id: &str) -> bool {
+        self.revoked_map().insert(id.to_string(), Instant::now());
+        let Some(router) = self.router.get().and_then(Weak::upgrade) else {
+            return false;
+        };
+        let connected = router.is_connected(id).await;
+        // Dropping the router's entry closes the connection's takeover channel, which
+        // ends its handler: the socket is closed without a DISCONNECT.
+        router.unregister_client(id).await;
+        let offline = serde_json::to_vec(&drover_protocol::agent::Presence::Offline)
+            .expect("presence serialises");
+        let mut status =
+            PublishPacket::new(topics::up(id, Up::Status), offline, mqtt5::QoS::AtLeastOnce);
+        status.retain = true;
+        router.route_message(&status, None).await;
+        tracing::info!(agent.id = id, connected, "MQTT access revoked");
+        connected
     }
 
     pub(super) fn denied_count(&self) -> u64 {
@@ -143,6 +216,7 @@ impl Gate {
         let password = connect.password.clone().unwrap_or_default();
 
         // The authenticator may block (a database, a slow password hash).
+        let checked_from = Instant::now();
         let auth = Arc::clone(&self.auth);
         let (cid, user) = (client_id.clone(), username.clone());
         let principal =
@@ -174,6 +248,10 @@ impl Gate {
             // the queued messages of) another client's session.
             if client_id != *id {
                 self.deny(&client_id, Some(&principal), "connect", "");
+                return AuthResult::fail(ReasonCode::NotAuthorized);
+            }
+            if !self.admit(id, checked_from) {
+                self.deny(&client_id, Some(&principal), "connect (revoked)", "");
                 return AuthResult::fail(ReasonCode::NotAuthorized);
             }
         }
@@ -213,7 +291,9 @@ impl AuthProvider for Gate {
         topic: &'a str,
     ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> {
         let principal = user_id.and_then(Principal::from_user_id);
-        let allowed = principal.as_ref().is_some_and(|p| may_publish(p, topic));
+        let allowed = principal
+            .as_ref()
+            .is_some_and(|p| !self.is_revoked(p) && may_publish(p, topic));
         if !allowed {
             self.deny(client_id, principal.as_ref(), "publish", topic);
         }
@@ -229,7 +309,7 @@ impl AuthProvider for Gate {
         let principal = user_id.and_then(Principal::from_user_id);
         let allowed = principal
             .as_ref()
-            .is_some_and(|p| may_subscribe(p, topic_filter));
+            .is_some_and(|p| !self.is_revoked(p) && may_subscribe(p, topic_filter));
         if !allowed {
             self.deny(client_id, principal.as_ref(), "subscribe", topic_filter);
         }
@@ -238,6 +318,27 @@ impl AuthProvider for Gate {
 }
 
 impl BrokerEventHandler for Gate {
+    fn on_client_connect<'a>(
+        &'a self,
+        event: ClientConnectEvent,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            // Authenticated before a revocation, registered after it: drop it now.
+            let principal = event.user_id.as_deref().and_then(Principal::from_user_id);
+            if principal.as_ref().is_some_and(|p| self.is_revoked(p))
+                && let Some(router) = self.router.get().and_then(Weak::upgrade)
+            {
+                self.deny(
+                    &event.client_id,
+                    principal.as_ref(),
+                    "connected (revoked)",
+                    "",
+                );
+                router.unregister_client(&event.client_id).await;
+            }
+        })
+    }
+
     fn on_client_publish<'a>(
         &'a self,
         event: ClientPublishEvent,

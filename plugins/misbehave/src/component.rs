@@ -14,6 +14,7 @@ wit_bindgen::generate!({
 
 use drover::plugin::host_facts;
 use drover::plugin::logging::{self, Level};
+use drover::plugin::{parameters, process};
 
 struct Misbehave;
 
@@ -28,6 +29,7 @@ impl Guest for Misbehave {
                 message,
                 retryable: false,
             },
+            Failure::Host(e) => e,
         })
     }
 }
@@ -39,6 +41,8 @@ enum Failure {
     Asked,
     /// Bad input, or an operation that failed: not retryable.
     Input(String),
+    /// An error a host import returned, passed through unchanged.
+    Host(PluginError),
 }
 
 impl From<String> for Failure {
@@ -106,6 +110,39 @@ fn run(input: &str) -> Result<String, Failure> {
             }),
             None => Value::Null,
         },
+        "exec" => {
+            let request = process::Command {
+                program: modes::string(args, "program", "/usr/bin/uptime")?.to_owned(),
+                args: modes::strings(args, "args")?,
+                timeout_ms: match args.get("timeout_ms") {
+                    None => None,
+                    Some(v) => Some(
+                        v.as_u64()
+                            .and_then(|n| u32::try_from(n).ok())
+                            .ok_or_else(|| {
+                                "\"timeout_ms\" must be a 32-bit non-negative integer".to_owned()
+                            })?,
+                    ),
+                },
+            };
+            // The host's error goes back as it is, retryable flag and all.
+            let out = process::run(&request).map_err(Failure::Host)?;
+            json!({
+                "exit_code": out.exit_code,
+                "stdout": String::from_utf8_lossy(&out.stdout),
+                "stderr": String::from_utf8_lossy(&out.stderr),
+                "stdout_truncated": out.stdout_truncated,
+                "stderr_truncated": out.stderr_truncated,
+            })
+        }
+        "connect" => {
+            modes::connect(modes::string(args, "addr", "127.0.0.1:80")?)?;
+            json!({ "connected": true })
+        }
+        "param" => {
+            let name = modes::string(args, "name", "x")?;
+            json!({ "value": parameters::get(name) })
+        }
         "fail" => return Err(Failure::Asked),
         "trap" => panic!("asked to trap"),
         other => return Err(Failure::Input(format!("unknown mode {other:?}"))),

@@ -14,6 +14,9 @@
 //! | `stderr` | `bytes` (8 MiB)                 | the same to stderr                                 |
 //! | `log`    | `message` ("hello from misbehave") | one info line through `logging`, returns `{}`   |
 //! | `facts`  |                                 | `host-facts.get()` as JSON, `null` when not granted|
+//! | `exec`   | `program` ("/usr/bin/uptime"), `args` ([]), `timeout_ms` | `process.run`: `{"exit_code", "stdout", "stderr", "stdout_truncated", "stderr_truncated"}`, or the host's error |
+//! | `connect`| `addr` ("127.0.0.1:80")         | opens a TCP connection: `{"connected": true}` or an error |
+//! | `param`  | `name` ("x")                    | `parameters.get(name)`: `{"value": <string or null>}` |
 //! | `fail`   |                                 | a retryable error                                  |
 //! | `trap`   |                                 | panics; with `panic = "abort"` that is a trap      |
 //!

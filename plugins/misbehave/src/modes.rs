@@ -55,6 +55,31 @@ pub fn spew(out: &mut impl Write, bytes: u64) -> u64 {
     written
 }
 
+/// Opens a TCP connection to `addr` (`ip:port`, or `name:port` resolved through the
+/// host) and closes it again.
+pub fn connect(addr: &str) -> Result<(), String> {
+    let result = match addr.parse::<std::net::SocketAddr>() {
+        Ok(sa) => std::net::TcpStream::connect(sa),
+        Err(_) => std::net::TcpStream::connect(addr),
+    };
+    result
+        .map(drop)
+        .map_err(|e| format!("could not connect to {addr}: {e}"))
+}
+
+/// Reads an optional list-of-strings parameter; absent is empty.
+pub fn strings(args: &Map<String, Value>, name: &str) -> Result<Vec<String>, String> {
+    let bad = || format!("\"{name}\" must be a list of strings");
+    match args.get(name) {
+        None => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned).ok_or_else(bad))
+            .collect(),
+        Some(_) => Err(bad()),
+    }
+}
+
 /// Reads an optional non-negative integer parameter.
 pub fn count(args: &Map<String, Value>, name: &str, default: u64) -> Result<u64, String> {
     match args.get(name) {
@@ -168,5 +193,21 @@ mod tests {
         assert_eq!(string(args, "s", "d"), Ok("x"));
         assert_eq!(string(args, "missing", "d"), Ok("d"));
         assert!(string(args, "n", "d").is_err());
+        let args = json!({"a": ["x", "y"], "bad": ["x", 1], "s": "x"});
+        let args = args.as_object().unwrap();
+        assert_eq!(strings(args, "a"), Ok(vec!["x".into(), "y".into()]));
+        assert_eq!(strings(args, "missing"), Ok(vec![]));
+        assert!(strings(args, "bad").is_err());
+        assert!(strings(args, "s").is_err());
+    }
+
+    #[test]
+    fn connect_reports_success_and_failure() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        assert_eq!(connect(&addr), Ok(()));
+        drop(listener);
+        let err = connect(&addr).unwrap_err();
+        assert!(err.starts_with(&format!("could not connect to {addr}: ")), "{err}");
     }
 }

@@ -419,7 +419,7 @@ pub struct Mosquitto {
     passwd: PathBuf,
 }
 
-fn mosquitto_bin(name: &str) -> PathBuf {
+pub fn mosquitto_bin(name: &str) -> PathBuf {
     for d in ["/usr/sbin", "/usr/bin"] {
         let p = Path::new(d).join(name);
         if p.exists() {
@@ -474,6 +474,49 @@ impl Mosquitto {
         }
     }
 
+    /// Starts Mosquitto on `port` with `settings` (without a listener) as its whole
+    /// configuration; its files are in `dir`, which it keeps.
+    pub fn start_configured(dir: TempDir, port: u16, settings: &str) -> Mosquitto {
+        let conf = dir.path().join("mosquitto.conf");
+        fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\npersistence false\nlog_dest stderr\n{settings}"),
+        )
+        .unwrap();
+        make_readable(dir.path());
+        let log = fs::File::create(dir.path().join("mosquitto.log")).unwrap();
+        let child = Command::new(mosquitto_bin("mosquitto"))
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn mosquitto");
+        wait_for(Duration::from_secs(10), "mosquitto listening", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        let passwd = dir.path().join("passwd");
+        Mosquitto {
+            dir,
+            port,
+            child,
+            passwd,
+        }
+    }
+
+    /// Makes Mosquitto reload its password and ACL files (after making them readable).
+    pub fn reload(&self) {
+        make_readable(self.dir.path());
+        signal(&self.child, "HUP");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    /// Mosquitto's log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+
     /// `mqtt://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
@@ -522,7 +565,7 @@ fn add_user(passwd: &Path, user: &str, password: &str) {
 }
 
 /// Mosquitto drops to its own user when started as root: let it read its files.
-fn make_readable(dir: &Path) {
+pub fn make_readable(dir: &Path) {
     use std::os::unix::fs::PermissionsExt as _;
     let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o755));
     for e in fs::read_dir(dir).unwrap().flatten() {
