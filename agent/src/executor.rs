@@ -325,9 +325,11 @@ impl Executor {
                     ),
                 )
             })?;
-        let cached = self.runtime.is_cached(&manifest.sha256);
         // Expiry stops new installs, never a plugin already installed.
-        if !cached && now_secs() > manifest.expires_at {
+        let installed = self
+            .state
+            .is_installed(&manifest.name, manifest.version, &manifest.sha256);
+        if !installed && now_secs() > manifest.expires_at {
             return Err(refuse(
                 FailureKind::ExpiredPlugin,
                 format!(
@@ -349,7 +351,7 @@ impl Executor {
         // The blob: from the cache, else fetched and checked.
         let blob_path = self.blob_dir.join(format!("{}.wasm", manifest.sha256));
         let mut fetched: Option<Vec<u8>> = None;
-        if !cached && !blob_path.exists() {
+        if !self.runtime.is_cached(&manifest.sha256) && !blob_path.exists() {
             let t = Instant::now();
             let blob = self
                 .fetcher

@@ -152,7 +152,15 @@ impl process::Host for Host {
             message: e.message,
             retryable: e.retryable,
         };
-        crate::exec::check_granted(&self.exec, &request.program).map_err(to_plugin)?;
+        if let Err(e) = crate::exec::check_granted(&self.exec, &request.program) {
+            tracing::warn!(
+                job.id = %self.job_id,
+                plugin = %self.plugin,
+                program = %request.program,
+                "plugin asked to run a program it was not granted; refused"
+            );
+            return Err(to_plugin(e));
+        }
         let remaining = self.deadline.saturating_duration_since(Instant::now());
         let timeout = request.timeout_ms.map_or(remaining, |ms| {
             remaining.min(Duration::from_millis(ms.into()))

@@ -199,6 +199,14 @@ impl State {
         }
     }
 
+    /// Whether exactly this plugin version is the one installed.
+    pub fn is_installed(&self, name: &str, version: u64, sha256: &str) -> bool {
+        self.lock()
+            .high_water
+            .get(name)
+            .is_some_and(|hw| hw.version == version && hw.sha256 == sha256)
+    }
+
     /// Raises the high-water mark after a verified install.
     pub fn record_plugin(&self, name: &str, version: u64, sha256: &str) -> anyhow::Result<()> {
         let mut inner = self.lock();

@@ -1,6 +1,8 @@
 //! End to end: the real `drover` and `drover-agent` binaries, a real broker (the embedded
 //! one, and Mosquitto), and real plugins built from `plugins/`.
 
+mod attacks;
+mod broker_acl;
 mod capabilities;
 mod support;
 

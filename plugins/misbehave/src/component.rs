@@ -114,16 +114,7 @@ fn run(input: &str) -> Result<String, Failure> {
             let request = process::Command {
                 program: modes::string(args, "program", "/usr/bin/uptime")?.to_owned(),
                 args: modes::strings(args, "args")?,
-                timeout_ms: match args.get("timeout_ms") {
-                    None => None,
-                    Some(v) => Some(
-                        v.as_u64()
-                            .and_then(|n| u32::try_from(n).ok())
-                            .ok_or_else(|| {
-                                "\"timeout_ms\" must be a 32-bit non-negative integer".to_owned()
-                            })?,
-                    ),
-                },
+                timeout_ms: modes::optional_u32(args, "timeout_ms")?,
             };
             // The host's error goes back as it is, retryable flag and all.
             let out = process::run(&request).map_err(Failure::Host)?;

@@ -80,6 +80,17 @@ pub fn strings(args: &Map<String, Value>, name: &str) -> Result<Vec<String>, Str
     }
 }
 
+/// Reads an optional 32-bit non-negative integer parameter; absent is `None`.
+pub fn optional_u32(args: &Map<String, Value>, name: &str) -> Result<Option<u32>, String> {
+    args.get(name)
+        .map(|v| {
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| format!("\"{name}\" must be a 32-bit non-negative integer"))
+        })
+        .transpose()
+}
+
 /// Reads an optional non-negative integer parameter.
 pub fn count(args: &Map<String, Value>, name: &str, default: u64) -> Result<u64, String> {
     match args.get(name) {
@@ -199,6 +210,12 @@ mod tests {
         assert_eq!(strings(args, "missing"), Ok(vec![]));
         assert!(strings(args, "bad").is_err());
         assert!(strings(args, "s").is_err());
+        let args = json!({"t": 5, "big": 5_000_000_000u64, "neg": -1});
+        let args = args.as_object().unwrap();
+        assert_eq!(optional_u32(args, "t"), Ok(Some(5)));
+        assert_eq!(optional_u32(args, "missing"), Ok(None));
+        assert!(optional_u32(args, "big").is_err());
+        assert!(optional_u32(args, "neg").is_err());
     }
 
     #[test]
@@ -208,6 +225,7 @@ mod tests {
         assert_eq!(connect(&addr), Ok(()));
         drop(listener);
         let err = connect(&addr).unwrap_err();
-        assert!(err.starts_with(&format!("could not connect to {addr}: ")), "{err}");
+        let expected = format!("could not connect to {addr}: ");
+        assert!(err.starts_with(&expected), "{err}");
     }
 }

@@ -164,6 +164,7 @@ fn exec_runs_only_what_the_manifest_and_the_policy_both_grant() {
     assert!(agent.is_running(), "the agent died: {}", agent.log_text());
     let log = agent.log_text();
     assert!(log.contains("plugin ran a program"), "{log}");
+    assert!(log.contains("not granted; refused"), "{log}");
     assert!(!log.contains("$HOME"), "arguments were logged: {log}");
 }
 
