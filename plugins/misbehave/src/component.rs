@@ -134,6 +134,14 @@ fn run(input: &str) -> Result<String, Failure> {
             let name = modes::string(args, "name", "x")?;
             json!({ "value": parameters::get(name) })
         }
+        "param_digest" => {
+            // Proves a (secret) parameter arrived without putting it in the result.
+            let name = modes::string(args, "name", "x")?;
+            match parameters::get(name) {
+                Some(v) => json!({ "len": v.len(), "sha256": modes::sha256_hex(v.as_bytes()) }),
+                None => Value::Null,
+            }
+        }
         "fail" => return Err(Failure::Asked),
         "trap" => panic!("asked to trap"),
         other => return Err(Failure::Input(format!("unknown mode {other:?}"))),

@@ -17,6 +17,7 @@
 //! | `exec`   | `program` ("/usr/bin/uptime"), `args` ([]), `timeout_ms` | `process.run`: `{"exit_code", "stdout", "stderr", "stdout_truncated", "stderr_truncated"}`, or the host's error |
 //! | `connect`| `addr` ("127.0.0.1:80")         | opens a TCP connection: `{"connected": true}` or an error |
 //! | `param`  | `name` ("x")                    | `parameters.get(name)`: `{"value": <string or null>}` |
+//! | `param_digest` | `name` ("x")              | `{"len", "sha256"}` of the parameter, never its value |
 //! | `fail`   |                                 | a retryable error                                  |
 //! | `trap`   |                                 | panics; with `panic = "abort"` that is a trap      |
 //!

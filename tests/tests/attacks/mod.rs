@@ -23,7 +23,10 @@ impl Tap {
     fn start(mosq: &Mosquitto, topic: &str) -> Tap {
         let out = mosq.dir.path().join(format!("tap-{}.txt", free_port()));
         let file = std::fs::File::create(&out).unwrap();
-        let child = Command::new(mosquitto_bin("mosquitto_sub"))
+        // Line-buffered, so what arrives can be read while it runs.
+        let child = Command::new("stdbuf")
+            .arg("-oL")
+            .arg(mosquitto_bin("mosquitto_sub"))
             .args(["-h", "127.0.0.1", "-p", &mosq.port.to_string(), "-q", "1"])
             .args([
                 "-u",
@@ -46,8 +49,8 @@ impl Tap {
 
     /// (topic, payload) lines so far.
     fn messages(&self) -> Vec<(String, String)> {
-        std::fs::read_to_string(&self.out)
-            .unwrap_or_default()
+        // Chunk frames are binary: read lossily.
+        String::from_utf8_lossy(&std::fs::read(&self.out).unwrap_or_default())
             .lines()
             .filter_map(|l| l.split_once('\t'))
             .map(|(t, p)| (t.to_string(), p.to_string()))

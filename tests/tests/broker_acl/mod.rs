@@ -72,7 +72,7 @@ fn rogue_publish(port: u16, login: &Login, topic: &str, retain: bool, payload: &
 }
 
 /// `mosquitto_sub` in the background, printing (`-d`) its protocol exchanges and the
-/// topic of every message it receives.
+/// topic of every message it receives. Started once it has its SUBACK.
 struct Spy {
     child: Child,
     out: PathBuf,
@@ -82,8 +82,11 @@ impl Spy {
     fn start(port: u16, login: &Login, filters: &[&str], dir: &Path) -> Spy {
         let out = dir.join(format!("spy-{}.out", login.id));
         let file = fs::File::create(&out).unwrap();
-        let mut cmd = Command::new(mosquitto_bin("mosquitto_sub"));
-        cmd.args(mqtt_args(port, login, &login.id))
+        // Line-buffered: the debug lines are not flushed otherwise.
+        let mut cmd = Command::new("stdbuf");
+        cmd.arg("-oL")
+            .arg(mosquitto_bin("mosquitto_sub"))
+            .args(mqtt_args(port, login, &login.id))
             .args(["-q", "1", "-d", "-F", "%t"]);
         for f in filters {
             cmd.args(["-t", f]);
