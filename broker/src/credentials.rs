@@ -95,3 +95,50 @@ impl Authenticator for BrokerAuth {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deregistration_kills_the_credential_and_a_new_one_registers_again() {
+        let store = Store::open(std::path::Path::new(":memory:")).unwrap();
+        let auth = BrokerAuth::new(store.clone(), "control-pw");
+        let pw = BrokerAuth::create_agent(&store, "web-1").unwrap();
+        let other = BrokerAuth::create_agent(&store, "web-2").unwrap();
+        assert_eq!(
+            auth.authenticate("web-1", "web-1", pw.as_bytes()),
+            Some(Principal::Agent("web-1".into()))
+        );
+        // The Mosquitto hash is of the same password.
+        let logins = store.agent_broker_logins().unwrap();
+        assert_eq!(logins.len(), 2);
+        let (id, h) = &logins[0];
+        assert_eq!(id, "web-1");
+        assert!(crate::mosquitto::verify(h.as_deref().unwrap(), &pw).unwrap());
+
+        assert!(!store.is_deregistered("web-1").unwrap());
+        assert!(store.deregister_agent("web-1", 1000).unwrap());
+        assert!(store.is_deregistered("web-1").unwrap());
+        assert_eq!(auth.authenticate("web-1", "web-1", pw.as_bytes()), None);
+        assert_eq!(
+            store.agent_broker_logins().unwrap(),
+            vec![("web-2".to_string(), store.agent_broker_logins().unwrap()[0].1.clone())]
+        );
+        // Never connected, yet listed, as deregistered.
+        let row = store.agents().unwrap().into_iter().next().unwrap();
+        assert_eq!((row.id.as_str(), row.deregistered_ms), ("web-1", Some(1000)));
+        assert!(!row.online);
+        // Again: still the first time. Unknown: false.
+        assert!(store.deregister_agent("web-1", 2000).unwrap());
+        assert_eq!(store.agents().unwrap()[0].deregistered_ms, Some(1000));
+        assert!(!store.deregister_agent("nobody", 2000).unwrap());
+        assert!(!store.is_deregistered("nobody").unwrap());
+
+        // A new credential registers it again.
+        let pw2 = BrokerAuth::create_agent(&store, "web-1").unwrap();
+        assert!(!store.is_deregistered("web-1").unwrap());
+        assert!(auth.authenticate("web-1", "web-1", pw2.as_bytes()).is_some());
+        assert!(auth.authenticate("web-2", "web-2", other.as_bytes()).is_some());
+    }
+}
