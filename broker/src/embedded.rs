@@ -1196,6 +1196,7 @@ mod tests {
     struct StoreAuth {
         deleted: std::sync::Mutex<std::collections::HashSet<String>>,
         delay_ms: AtomicU64,
+        checks: AtomicU64,
     }
 
     impl StoreAuth {
@@ -1211,6 +1212,7 @@ mod tests {
 
     impl Authenticator for StoreAuth {
         fn authenticate(&self, client_id: &str, user: &str, password: &[u8]) -> Option<Principal> {
+            self.checks.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(Duration::from_millis(self.delay_ms.load(Ordering::SeqCst)));
             if self.deleted.lock().unwrap().contains(user) {
                 return None;
@@ -1256,8 +1258,11 @@ mod tests {
             // credential) does not let it in.
             auth.set_deleted("agent-a", false);
             auth.delay_ms.store(1500, Ordering::SeqCst);
+            let checks = auth.checks.load(Ordering::SeqCst);
             let racing = tokio::spawn(connect(addr, "agent-a", "agent-a", true));
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            while auth.checks.load(Ordering::SeqCst) == checks {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             broker.revoke_agent("agent-a").await;
             assert!(
                 racing.await.unwrap().is_err(),

@@ -243,6 +243,9 @@ pub struct ActivationRow {
     pub revoked_ms: Option<u64>,
 }
 
+/// An activation with its salt and code hash.
+pub type StoredActivation = (ActivationRow, Vec<u8>, Vec<u8>);
+
 /// An agent's enrolled public keys.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentKeys {
@@ -807,9 +810,7 @@ impl Store {
         Ok(())
     }
 
-    fn activation_from_row(
-        r: &rusqlite::Row<'_>,
-    ) -> rusqlite::Result<(ActivationRow, Vec<u8>, Vec<u8>)> {
+    fn activation_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredActivation> {
         Ok((
             ActivationRow {
                 id: r.get(0)?,
@@ -827,10 +828,7 @@ impl Store {
     }
 
     /// An activation with its salt and code hash.
-    pub fn activation(
-        &self,
-        id: &str,
-    ) -> anyhow::Result<Option<(ActivationRow, Vec<u8>, Vec<u8>)>> {
+    pub fn activation(&self, id: &str) -> anyhow::Result<Option<StoredActivation>> {
         Ok(self
             .conn()
             .query_row(

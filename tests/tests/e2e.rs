@@ -434,26 +434,32 @@ fn a_full_job_queue_refuses_jobs_instead_of_losing_them() {
     server.wait_online("busy-1");
 
     // One running, one waiting for the slot, one in the queue; the rest find it full.
-    let jobs: Vec<String> = (0..6)
-        .map(|_| {
-            let v = server.json(&[
-                "run",
-                "misbehave",
-                "-t",
-                "busy-1",
-                "--timeout",
-                "3s",
-                "--no-wait",
-                "--input",
-                r#"{"mode":"spin"}"#,
-            ]);
-            v["job_id"].as_str().unwrap().to_string()
-        })
-        .collect();
+    // Submitted all at once, so none can finish before the last arrives.
+    let jobs: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| {
+                scope.spawn(|| {
+                    let v = server.json(&[
+                        "run",
+                        "misbehave",
+                        "-t",
+                        "busy-1",
+                        "--timeout",
+                        "3s",
+                        "--no-wait",
+                        "--input",
+                        r#"{"mode":"spin"}"#,
+                    ]);
+                    v["job_id"].as_str().unwrap().to_string()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
     let results: Vec<Value> = jobs
         .iter()
         .map(|id| {
-            wait_for(Duration::from_secs(30), "every job to report", || {
+            wait_for(Duration::from_secs(90), "every job to report", || {
                 let v = server.json(&["job", "show", id]);
                 let r = v["targets"][0]["result"].clone();
                 (!r.is_null()).then_some(r)

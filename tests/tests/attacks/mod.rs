@@ -60,7 +60,7 @@ impl Tap {
     /// Waits for the first message on `topic`.
     fn first_on(&self, topic: &str) -> String {
         wait_for(
-            Duration::from_secs(20),
+            Duration::from_secs(60),
             &format!("a message on {topic}"),
             || {
                 self.messages()
@@ -142,7 +142,7 @@ fn echo(server: &Server, target: &str) -> Value {
 
 fn wait_log(agent: &Agent, needle: &str) {
     wait_for(
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         &format!("agent log to say {needle:?}"),
         || agent.log_text().contains(needle).then_some(()),
     );
@@ -166,7 +166,7 @@ fn captured_jobs_cannot_be_replayed_or_retargeted() {
     f.agents[0].restart();
     f.server.wait_online("victim-1");
     f.inject(&job_topic("victim-1"), captured.as_bytes());
-    wait_for(Duration::from_secs(20), "the second refusal", || {
+    wait_for(Duration::from_secs(60), "the second refusal", || {
         (f.agents[0].log_text().matches("replay refused").count() >= 2).then_some(())
     });
 
@@ -205,7 +205,7 @@ fn forged_results_are_refused_and_recorded() {
         "drover/v1/agents/honest-1/up/result",
         &serde_json::to_vec(&signed).unwrap(),
     );
-    let events = wait_for(Duration::from_secs(20), "two forgery events", || {
+    let events = wait_for(Duration::from_secs(60), "two forgery events", || {
         let ev = f.events("honest-1");
         (ev.iter().filter(|e| e["kind"] == "forged").count() >= 2).then_some(ev)
     });
