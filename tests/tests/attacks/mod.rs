@@ -128,16 +128,10 @@ fn job_topic(id: &str) -> String {
 }
 
 fn echo(server: &Server, target: &str) -> Value {
-    let (code, results, err) =
-        server.run(&["misbehave", "-t", target, "--input", r#"{"mode":"echo"}"#]);
-    assert_eq!(results.len(), 1, "{err}");
-    let r = results.into_iter().next().unwrap();
-    assert_eq!(
-        code,
-        if r["status"] == "succeeded" { 0 } else { 1 },
-        "{r:#}"
-    );
-    r
+    run_one(
+        server,
+        &["misbehave", "-t", target, "--input", r#"{"mode":"echo"}"#],
+    )
 }
 
 fn wait_log(agent: &Agent, needle: &str) {

@@ -11,20 +11,6 @@ use serde_json::Value;
 
 use super::support::*;
 
-/// Runs one job on one agent and returns its result.
-fn run_one(server: &Server, args: &[&str]) -> Value {
-    let (code, results, err) = server.run(args);
-    assert_eq!(results.len(), 1, "no result for {args:?}: {err}");
-    let r = results.into_iter().next().unwrap();
-    let expected = if r["status"] == "succeeded" { 0 } else { 1 };
-    assert_eq!(code, expected, "exit code for {r:#}: {err}");
-    r
-}
-
-fn failure_kind(r: &Value) -> &str {
-    r["failure"]["kind"].as_str().unwrap_or("")
-}
-
 fn failure_message(r: &Value) -> &str {
     r["failure"]["message"].as_str().unwrap_or("")
 }

@@ -619,3 +619,33 @@ pub fn toml_value(path: &Path, key: &str) -> String {
     }
     panic!("{key} not in {}", path.display());
 }
+
+/// Runs one job on one agent and returns its result; the exit code must match it.
+pub fn run_one(server: &Server, args: &[&str]) -> Value {
+    let (code, results, err) = server.run(args);
+    assert_eq!(results.len(), 1, "no result for {args:?}: {err}");
+    let r = results.into_iter().next().unwrap();
+    if r["status"] == "succeeded" {
+        assert_eq!(code, 0);
+    } else {
+        assert_eq!(code, 1, "exit code for a failed job: {err}");
+    }
+    r
+}
+
+/// Publishes the misbehave test plugin as `misbehave` v1, world `task`, no capabilities.
+pub fn publish_misbehave(server: &Server) {
+    let wasm = plugin("drover-plugin-misbehave");
+    server.publish(&wasm, "misbehave", 1, "task", &[], None);
+}
+
+/// Puts top-level settings at the head of an agent config written by `agents add`.
+pub fn prepend_config(cfg: &std::path::Path, lines: &str) {
+    let text = std::fs::read_to_string(cfg).unwrap();
+    std::fs::write(cfg, format!("{lines}\n{text}")).unwrap();
+}
+
+/// The result's failure kind, or "".
+pub fn failure_kind(r: &Value) -> &str {
+    r["failure"]["kind"].as_str().unwrap_or("")
+}
