@@ -234,19 +234,21 @@ fn network_is_off_unless_the_manifest_and_the_policy_grant_the_address() {
         "{r:#}"
     );
 
-    // The parameters import is linked and filters by grant. (Jobs carry no parameters
-    // until `drover run` can set them, so both names read as absent here.)
+    // Parameters: the plugin reads the ones its manifest names, and nothing else.
     publish_misbehave_as(&server, "param-reader", &["--parameter", "region"]);
-    for name in ["region", "other"] {
+    for (name, want) in [
+        ("region", serde_json::json!("eu-west")),
+        ("other", Value::Null),
+    ] {
         let r = misbehave(
             &server,
             "param-reader",
             "net-1",
             &serde_json::json!({"mode": "param", "name": name}),
-            &[],
+            &["--param", "region=eu-west", "--param", "other=hidden"],
         );
         assert_eq!(r["status"], "succeeded", "{r:#}");
-        assert_eq!(r["output"], serde_json::json!({"value": null}));
+        assert_eq!(r["output"], serde_json::json!({ "value": want }), "{name}");
     }
     drop(agent);
 }
