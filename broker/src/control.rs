@@ -108,6 +108,10 @@ pub fn resolve_targets(
     agents: &[crate::store::AgentRow],
 ) -> Result<Vec<String>, ControlError> {
     let selector = selector.trim();
+    // Deregistered agents are never targets.
+    let all = agents;
+    let agents: Vec<&crate::store::AgentRow> =
+        all.iter().filter(|a| a.deregistered_ms.is_none()).collect();
     let ids: Vec<String> = if selector == "all" {
         agents.iter().map(|a| a.id.clone()).collect()
     } else if let Some(tag) = selector.strip_prefix("tag:") {
@@ -123,7 +127,12 @@ pub fn resolve_targets(
         let mut ids = Vec::new();
         for id in selector.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             if !agents.iter().any(|a| a.id == id) {
-                return Err(ControlError::NotFound(format!("unknown agent {id:?}")));
+                let why = if all.iter().any(|a| a.id == id) {
+                    "is deregistered"
+                } else {
+                    "is unknown"
+                };
+                return Err(ControlError::NotFound(format!("agent {id:?} {why}")));
             }
             if !ids.iter().any(|x| x == id) {
                 ids.push(id.to_string());
@@ -344,6 +353,10 @@ impl ControlPlane {
         let now = now_ms();
         match kind {
             Up::Status => {
+                if store.is_deregistered(agent)? {
+                    return Err(Refusal("deregistered")
+                        .into_err(format!("agent {agent} is deregistered; presence ignored")));
+                }
                 let p: Presence = serde_json::from_slice(payload)?;
                 let online = p == Presence::Online;
                 store.set_online(agent, online, now)?;
@@ -544,4 +557,45 @@ pub fn new_job_id() -> String {
     let mut b = [0u8; 6];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
     format!("{:011x}-{}", now_ms(), hex::encode(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::AgentRow;
+
+    fn agent(id: &str, env: &str, deregistered: bool) -> AgentRow {
+        AgentRow {
+            id: id.into(),
+            hostname: String::new(),
+            os: String::new(),
+            os_version: String::new(),
+            arch: String::new(),
+            agent_version: String::new(),
+            tags: [("env".to_string(), env.to_string())].into(),
+            online: true,
+            first_seen_ms: 0,
+            last_seen_ms: 0,
+            status_changed_ms: 0,
+            deregistered_ms: deregistered.then_some(1),
+        }
+    }
+
+    #[test]
+    fn targets_resolve_by_all_tag_and_id_and_skip_deregistered_agents() {
+        let agents = [
+            agent("a", "prod", false),
+            agent("b", "dev", false),
+            agent("gone", "prod", true),
+        ];
+        assert_eq!(resolve_targets("all", &agents).unwrap(), ["a", "b"]);
+        assert_eq!(resolve_targets("tag:env=prod", &agents).unwrap(), ["a"]);
+        assert_eq!(resolve_targets("b, a,b", &agents).unwrap(), ["b", "a"]);
+        let e = resolve_targets("a,gone", &agents).unwrap_err().to_string();
+        assert!(e.contains("deregistered"), "{e}");
+        let e = resolve_targets("nobody", &agents).unwrap_err().to_string();
+        assert!(e.contains("unknown"), "{e}");
+        assert!(resolve_targets("tag:env=qa", &agents).is_err());
+        assert!(resolve_targets("tag:env", &agents).is_err());
+    }
 }
