@@ -90,8 +90,7 @@ impl Field {
     fn new(ids: &[&str]) -> Field {
         let mosq = Mosquitto::start(&[("drover-control", "control-secret"), ATTACKER]);
         let server = server_on(&mosq, "control-secret");
-        let wasm = plugin("drover-plugin-misbehave");
-        server.publish(&wasm, "misbehave", 1, "task", &[], None);
+        publish_misbehave(&server);
         let mut agents = Vec::new();
         for id in ids {
             let cfg = server.add_agent(id, &[]);
@@ -589,14 +588,7 @@ fn the_audit_log_records_operator_actions_and_executions() {
     let cfg = server.add_agent("audited-1", &[]);
     let _agent = Agent::start("audited-1", &cfg, server.dir.path());
     server.wait_online("audited-1");
-    server.publish(
-        &plugin("drover-plugin-misbehave"),
-        "misbehave",
-        1,
-        "task",
-        &[],
-        None,
-    );
+    publish_misbehave(&server);
     let r = echo(&server, "audited-1");
     let job = r["job_id"].as_str().unwrap();
     let _ = server.run(&["nonexistent", "-t", "audited-1"]);

@@ -15,17 +15,6 @@ use super::support::*;
 
 const ECHO: &str = r#"{"mode":"echo"}"#;
 
-fn publish_misbehave(server: &Server) {
-    server.publish(
-        &plugin("drover-plugin-misbehave"),
-        "misbehave",
-        1,
-        "task",
-        &[],
-        None,
-    );
-}
-
 /// An agent's identity as a rogue client would use it.
 struct Login {
     id: String,

@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 use std::fs;
-use std::io::Write as _;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -438,40 +437,16 @@ impl Mosquitto {
     /// Starts Mosquitto with these users, refusing packets over `max_packet` bytes.
     pub fn start_limited(users: &[(&str, &str)], max_packet: usize) -> Mosquitto {
         let dir = TempDir::new("mosquitto");
-        let port = free_port();
         let passwd = dir.path().join("passwd");
         fs::write(&passwd, "").unwrap();
         for (u, p) in users {
             add_user(&passwd, u, p);
         }
-        let conf = dir.path().join("mosquitto.conf");
-        let mut f = fs::File::create(&conf).unwrap();
-        writeln!(
-            f,
-            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nset_tcp_nodelay true\npersistence false\nmax_packet_size {max_packet}\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice",
-            passwd.display(),
-        )
-        .unwrap();
-        drop(f);
-        make_readable(dir.path());
-        let log = fs::File::create(dir.path().join("mosquitto.log")).unwrap();
-        let child = Command::new(mosquitto_bin("mosquitto"))
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn mosquitto");
-        wait_for(Duration::from_secs(10), "mosquitto listening", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-        Mosquitto {
-            dir,
-            port,
-            child,
-            passwd,
-        }
+        let settings = format!(
+            "allow_anonymous false\npassword_file {}\nset_tcp_nodelay true\nmax_packet_size {max_packet}\nlog_type error\nlog_type warning\nlog_type notice\n",
+            passwd.display()
+        );
+        Mosquitto::start_configured(dir, free_port(), &settings)
     }
 
     /// Starts Mosquitto on `port` with `settings` (without a listener) as its whole
