@@ -204,7 +204,7 @@ pub fn summarize_output(v: &serde_json::Value) -> String {
         let name = os.get("name").and_then(|s| s.as_str()).unwrap_or("");
         let version = os.get("version").and_then(|s| s.as_str()).unwrap_or("");
         let kernel = os
-            .get("kernel-version")
+            .get("kernel_version")
             .and_then(|s| s.as_str())
             .unwrap_or("");
         let arch = os
