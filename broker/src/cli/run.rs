@@ -288,3 +288,22 @@ pub fn job(ctx: &Ctx, cmd: JobCommand) -> anyhow::Result<i32> {
     }
     Ok(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inventory_summary_reads_the_keys_the_plugin_writes() {
+        let v = serde_json::json!({
+            "os": {"name": "Debian GNU/Linux", "version": "12", "kernel_version": "6.1.0",
+                   "architecture": "x86_64", "family": "linux", "hostname": "h"},
+            "packages": [{"name": "a"}, {"name": "b"}],
+        });
+        assert_eq!(
+            summarize_output(&v),
+            "Debian GNU/Linux 12 (x86_64, kernel 6.1.0), 2 packages"
+        );
+        assert_eq!(summarize_output(&serde_json::json!({"x": 1})), r#"{"x":1}"#);
+    }
+}
