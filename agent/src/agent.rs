@@ -15,9 +15,11 @@ use crate::executor::Executor;
 use crate::facts::HostFacts;
 use crate::fetch::Fetcher;
 use crate::identity::{self, Enrollment, Identity};
+use crate::outbox::{Limits as OutboxLimits, Outbox};
 use crate::runtime::Runtime;
 use crate::state::State;
 use drover_protocol::enroll::Heartbeat;
+use drover_protocol::job::ResultAck;
 use drover_protocol::signed::Signed;
 
 /// The agent's version, announced in `Hello`.
@@ -196,6 +198,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         link::spawn(opts, link_shutdown.clone()).map_err(anyhow::Error::msg)?;
 
     let fetcher = Fetcher::default();
+    let outbox = Arc::new(
+        Outbox::open(&config.data_dir.join("outbox"), OutboxLimits::default())
+            .context("opening the result outbox")?,
+    );
     let executor = Executor::new(
         config.clone(),
         runtime,
@@ -203,7 +209,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         fetcher.clone(),
         state.clone(),
         identity.clone(),
+        outbox.clone(),
     )?;
+    executor.recover_interrupted().await;
+    let outbox_task = {
+        let outbox = outbox.clone();
+        let link = link.clone();
+        let topic = topics::up(&config.id, Up::Result);
+        let stop = link_shutdown.clone();
+        tokio::spawn(async move { outbox.run(link, topic, stop).await })
+    };
     let heartbeat_task = tokio::spawn(heartbeats(
         config.id.clone(),
         link.clone(),
@@ -253,7 +268,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
             }
             Some((id, Down::Ack)) if id == config.id => {
-                tracing::debug!(topic = %msg.topic, "result acknowledged");
+                match serde_json::from_slice::<ResultAck>(&msg.payload) {
+                    Ok(ack) => {
+                        if outbox.ack(&ack.job_id, ack.attempt) {
+                            tracing::debug!(job.id = %ack.job_id, "result acknowledged");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "malformed result acknowledgement"),
+                }
             }
             _ => tracing::warn!(topic = %msg.topic, "ignoring message on unexpected topic"),
         }
@@ -269,5 +291,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     link_shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(3), link_task).await;
     let _ = heartbeat_task.await;
+    let _ = outbox_task.await;
+    if outbox.pending() > 0 {
+        tracing::info!(
+            pending = outbox.pending(),
+            "results stay in the outbox until the next start"
+        );
+    }
     Ok(())
 }

@@ -20,6 +20,7 @@ use tracing::Instrument as _;
 use crate::config::Config;
 use crate::fetch::Fetcher;
 use crate::identity::Identity;
+use crate::outbox::Outbox;
 use crate::runtime::{Grant, RunOutcome, RunRequest, Runtime};
 use crate::state::{EnvelopeRefusal, State};
 
@@ -35,6 +36,8 @@ pub struct Stats {
     pub refused: AtomicU64,
     /// Jobs dropped because the queue was full.
     pub dropped_busy: AtomicU64,
+    /// Results the outbox could not store (sent once without retry).
+    pub unstored: AtomicU64,
 }
 
 /// Shared state of the job pipeline.
@@ -45,7 +48,9 @@ pub struct Executor {
     fetcher: Fetcher,
     state: Arc<State>,
     identity: Arc<Identity>,
+    outbox: Arc<Outbox>,
     blob_dir: PathBuf,
+    running_dir: PathBuf,
     slots: Semaphore,
     /// Counters.
     pub stats: Stats,
@@ -60,9 +65,12 @@ impl Executor {
         fetcher: Fetcher,
         state: Arc<State>,
         identity: Arc<Identity>,
+        outbox: Arc<Outbox>,
     ) -> anyhow::Result<Arc<Executor>> {
         let blob_dir = config.data_dir.join("blobs");
         std::fs::create_dir_all(&blob_dir)?;
+        let running_dir = config.data_dir.join("running");
+        std::fs::create_dir_all(&running_dir)?;
         Ok(Arc::new(Executor {
             slots: Semaphore::new(config.max_concurrent_jobs),
             config,
@@ -71,7 +79,9 @@ impl Executor {
             fetcher,
             state,
             identity,
+            outbox,
             blob_dir,
+            running_dir,
             stats: Stats::default(),
         }))
     }
@@ -111,6 +121,20 @@ impl Executor {
                     String::new(),
                 );
                 job.started_at_ms = started_at_ms;
+                // Written before anything runs, removed once the result is in the outbox:
+                // if the agent dies in between, the next start reports it interrupted.
+                let marker = self.marker(&env.job_id, env.attempt);
+                let claimed = env
+                    .plugin
+                    .unverified()
+                    .map(|m| (m.name, m.version))
+                    .unwrap_or_default();
+                if let Err(e) = crate::runtime::write_atomic(
+                    &marker,
+                    &serde_json::to_vec(&claimed).unwrap_or_default(),
+                ) {
+                    tracing::warn!(job.id = %env.job_id, error = %e, "cannot record the running job; a crash now would go unreported");
+                }
                 match self.execute(&env, &mut job).instrument(span).await {
                     Err(failure) => job.failure = Some(failure),
                     Ok(outcome) => {
@@ -157,8 +181,12 @@ impl Executor {
             ),
         }
         self.publish(&result).await;
+        let _ = std::fs::remove_file(self.marker(&result.job_id, result.attempt));
     }
 
+    /// Signs a result and puts it in the outbox, which publishes it until the control
+    /// plane acknowledges it. If the disk refuses it, it is still published once, and
+    /// the failure is logged and counted.
     async fn publish(&self, result: &JobResult) {
         // Signed with the agent's own key: the broker cannot forge or alter results.
         let signed = Signed::sign(result, &self.identity.signing);
@@ -169,12 +197,67 @@ impl Executor {
                 return;
             }
         };
-        if let Err(e) = self
-            .link
-            .publish(topics::up(&self.config.id, Up::Result), body, false)
-            .await
-        {
-            tracing::error!(job.id = %result.job_id, error = %e, "could not publish result");
+        match self.outbox.push(&result.job_id, result.attempt, &body) {
+            Ok(()) => {}
+            Err(e) => {
+                let n = self.stats.unstored.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::error!(
+                    job.id = %result.job_id,
+                    unstored_total = n,
+                    "result could not be stored durably, so it is sent once without a retry: {e:#}"
+                );
+                if let Err(e) = self
+                    .link
+                    .publish(topics::up(&self.config.id, Up::Result), body, false)
+                    .await
+                {
+                    tracing::error!(job.id = %result.job_id, error = %e, "could not publish result");
+                }
+            }
+        }
+    }
+
+    fn marker(&self, job_id: &str, attempt: u32) -> PathBuf {
+        self.running_dir
+            .join(format!("{}.{attempt}", hex::encode(job_id)))
+    }
+
+    /// Reports every job that was running when the agent last stopped as interrupted.
+    /// Such jobs are never run again: the seen-envelope log already refuses them.
+    pub async fn recover_interrupted(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.running_dir) else {
+            return;
+        };
+        for e in dir.flatten() {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let parsed = name.rsplit_once('.').and_then(|(id, a)| {
+                Some((
+                    String::from_utf8(hex::decode(id).ok()?).ok()?,
+                    a.parse::<u32>().ok()?,
+                ))
+            });
+            let Some((job_id, attempt)) = parsed else {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            };
+            let plugin: (String, u64) = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            let mut r = JobResult::refused(
+                &job_id,
+                &self.config.id,
+                attempt,
+                FailureKind::Interrupted,
+                "the agent stopped while this job was running (a crash or a kill); it was not run again"
+                    .into(),
+            );
+            r.status = ResultStatus::Failed;
+            (r.plugin, r.plugin_version) = plugin;
+            tracing::warn!(job.id = %job_id, attempt, "job was interrupted by an agent stop");
+            self.publish(&r).await;
+            let _ = std::fs::remove_file(&path);
         }
     }
 

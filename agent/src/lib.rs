@@ -5,6 +5,7 @@
 //! - [`executor`]: envelope checks, plugin fetch and verification, running, reporting.
 //! - [`fetch`]: plugin blobs over MQTT in chunks.
 //! - [`identity`]: the agent's own keys, and enrollment.
+//! - [`outbox`]: results on disk until the control plane acknowledges them.
 //! - [`state`]: trusted key set, replay and rollback protection, kept on disk.
 //! - [`runtime`]: the wasmtime sandbox, compiled-plugin cache and limits.
 //! - [`capped`]: capped stdout/stderr for plugins.
@@ -20,6 +21,7 @@ pub mod facts;
 pub mod fetch;
 pub mod identity;
 pub mod net;
+pub mod outbox;
 pub mod runtime;
 pub mod state;
 

@@ -133,6 +133,8 @@ pub enum FailureKind {
     OutputLimit,
     /// The plugin's returned output is not what its world promises.
     BadOutput,
+    /// The agent stopped (crashed, was killed) while the job ran; it is not re-run.
+    Interrupted,
 }
 
 impl FailureKind {
