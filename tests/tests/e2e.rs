@@ -4,6 +4,7 @@
 mod attacks;
 mod broker_acl;
 mod capabilities;
+mod faults;
 mod support;
 
 use std::time::{Duration, Instant};

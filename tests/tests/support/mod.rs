@@ -56,11 +56,16 @@ impl TempDir {
     pub fn path(&self) -> &Path {
         &self.0
     }
+
+    /// Owns nothing: a stand-in while a value is moved out and back.
+    fn placeholder() -> TempDir {
+        TempDir(PathBuf::new())
+    }
 }
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        if std::env::var_os("DROVER_KEEP_TEST_DIRS").is_none() {
+        if !self.0.as_os_str().is_empty() && std::env::var_os("DROVER_KEEP_TEST_DIRS").is_none() {
             let _ = fs::remove_dir_all(&self.0);
         }
     }
@@ -131,6 +136,7 @@ pub struct Server {
     pub data: PathBuf,
     child: Option<Child>,
     pub log: PathBuf,
+    args: Vec<String>,
 }
 
 impl Server {
@@ -148,13 +154,33 @@ impl Server {
             log: dir.path().join("server.log"),
             dir,
             child: None,
+            args: Vec::new(),
         };
         let out = s.cli(&["keygen"]);
         assert!(out.status.success(), "keygen failed: {}", text(&out.stderr));
         s.spawn(extra)
     }
 
+    /// Starts the server again with the same flags and data (after [`Server::stop`]).
+    /// Give it fixed `--api-listen` and `--mqtt-listen` ports if agents must find it.
+    pub fn restart(&mut self) {
+        let args = std::mem::take(&mut self.args);
+        let s = std::mem::replace(
+            self,
+            Server {
+                dir: TempDir::placeholder(),
+                data: PathBuf::new(),
+                child: None,
+                log: PathBuf::new(),
+                args: Vec::new(),
+            },
+        );
+        let extra: Vec<&str> = args.iter().map(String::as_str).collect();
+        *self = s.spawn(&extra);
+    }
+
     fn spawn(mut self, extra: &[&str]) -> Server {
+        self.args = extra.iter().map(|s| s.to_string()).collect();
         let _ = fs::remove_file(self.data.join("server.json"));
         let log = fs::OpenOptions::new()
             .create(true)
@@ -165,11 +191,12 @@ impl Server {
             "--data-dir".into(),
             self.data.display().to_string(),
             "serve".into(),
-            "--api-listen".into(),
-            "127.0.0.1:0".into(),
-            "--mqtt-listen".into(),
-            "127.0.0.1:0".into(),
         ];
+        for flag in ["--api-listen", "--mqtt-listen"] {
+            if !extra.contains(&flag) {
+                args.extend([flag.to_string(), "127.0.0.1:0".to_string()]);
+            }
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = Command::new(bin("drover"))
             .args(&args)

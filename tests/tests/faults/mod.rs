@@ -1,0 +1,123 @@
+//! No result lost or duplicated: the agent is killed mid-job, the server (with its
+//! broker) goes away while results are in flight.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::support::*;
+
+fn job_result(server: &Server, job: &str, within: Duration) -> Value {
+    wait_for(within, &format!("a result for {job}"), || {
+        let v = server.json(&["job", "show", job]);
+        let r = v["targets"][0]["result"].clone();
+        (!r.is_null()).then_some(r)
+    })
+}
+
+fn submit(server: &Server, target: &str, input: &str, timeout: &str) -> String {
+    let v = server.json(&[
+        "run",
+        "misbehave",
+        "-t",
+        target,
+        "--timeout",
+        timeout,
+        "--no-wait",
+        "--input",
+        input,
+    ]);
+    v["job_id"].as_str().unwrap().to_string()
+}
+
+fn files_in(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| d.flatten().filter(|e| e.path().is_file()).count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_job_cut_short_by_kill_9_is_reported_interrupted_and_never_rerun() {
+    let server = Server::start();
+    publish_misbehave(&server);
+    let cfg = server.add_agent("crashy-1", &[]);
+    let mut agent = Agent::start("crashy-1", &cfg, server.dir.path());
+    server.wait_online("crashy-1");
+
+    let job = submit(
+        &server,
+        "crashy-1",
+        r#"{"mode":"sleep","seconds":60}"#,
+        "120s",
+    );
+    let running = agent.data_dir.join("running");
+    wait_for(Duration::from_secs(60), "the job to start", || {
+        (files_in(&running) == 1).then_some(())
+    });
+    agent.kill9();
+    agent.restart();
+
+    let r = job_result(&server, &job, Duration::from_secs(60));
+    assert_eq!(r["status"], "failed", "{r:#}");
+    assert_eq!(failure_kind(&r), "interrupted", "{r:#}");
+    assert_eq!(r["plugin"], "misbehave");
+    assert_eq!(files_in(&running), 0);
+    // Reported once, and the sleep never ran to completion.
+    std::thread::sleep(Duration::from_secs(1));
+    let audit = server.json(&["audit", "--target", &job, "--action", "job.execute"]);
+    assert_eq!(audit.as_array().unwrap().len(), 1, "{audit:#}");
+    assert!(!agent.log_text().contains("job succeeded"));
+}
+
+#[test]
+fn results_wait_in_the_outbox_while_the_server_and_its_broker_are_down() {
+    let (api, mqtt) = (free_port(), free_port());
+    let (api_s, mqtt_s) = (format!("127.0.0.1:{api}"), format!("127.0.0.1:{mqtt}"));
+    let mut server = Server::start_with(&["--api-listen", &api_s, "--mqtt-listen", &mqtt_s]);
+    publish_misbehave(&server);
+    let cfg = server.add_agent("patient-1", &[]);
+    let agent = Agent::start("patient-1", &cfg, server.dir.path());
+    server.wait_online("patient-1");
+
+    // Warm up (fetch and compile), so the next job is quick once it starts.
+    let r = run_one(
+        &server,
+        &[
+            "misbehave",
+            "-t",
+            "patient-1",
+            "--input",
+            r#"{"mode":"echo"}"#,
+        ],
+    );
+    assert_eq!(r["status"], "succeeded");
+
+    let job = submit(
+        &server,
+        "patient-1",
+        r#"{"mode":"sleep","seconds":2}"#,
+        "60s",
+    );
+    let running = agent.data_dir.join("running");
+    wait_for(Duration::from_secs(30), "the job to start", || {
+        (files_in(&running) == 1).then_some(())
+    });
+    server.stop();
+
+    // The job finishes with nobody to tell: its result waits on disk.
+    let outbox = agent.data_dir.join("outbox");
+    wait_for(Duration::from_secs(30), "the result in the outbox", || {
+        (files_in(&running) == 0 && files_in(&outbox) == 1).then_some(())
+    });
+
+    server.restart();
+    let r = job_result(&server, &job, Duration::from_secs(90));
+    assert_eq!(r["status"], "succeeded", "{r:#}");
+    assert_eq!(r["output"]["slept"].as_f64(), Some(2.0));
+    // Acknowledged end to end: the outbox empties, and the result is stored once.
+    wait_for(Duration::from_secs(30), "the outbox to empty", || {
+        (files_in(&outbox) == 0).then_some(())
+    });
+    let audit = server.json(&["audit", "--target", &job, "--action", "job.execute"]);
+    assert_eq!(audit.as_array().unwrap().len(), 1, "{audit:#}");
+}
