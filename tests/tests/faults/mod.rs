@@ -121,3 +121,108 @@ fn results_wait_in_the_outbox_while_the_server_and_its_broker_are_down() {
     let audit = server.json(&["audit", "--target", &job, "--action", "job.execute"]);
     assert_eq!(audit.as_array().unwrap().len(), 1, "{audit:#}");
 }
+
+/// A small tmpfs, unmounted when dropped.
+struct SmallDisk {
+    path: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: &std::path::Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(path).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs and needs root: {}",
+            text(&out.stderr)
+        );
+        SmallDisk {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Fills the disk; returns the filler so it can be removed.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write as _;
+        let filler = self.path.join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_is_a_clear_error_and_the_agent_carries_on() {
+    let server = Server::start();
+    publish_misbehave(&server);
+    let cfg = server.add_agent("cramped-1", &[]);
+    let disk = SmallDisk::mount(&server.dir.path().join("disk"), "16m");
+    let data = disk.path.join("agent");
+    let log = server.dir.path().join("cramped.log");
+    let logf = std::fs::File::create(&log).unwrap();
+    let mut agent = std::process::Command::new(bin("drover-agent"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(&data)
+        .stdout(logf.try_clone().unwrap())
+        .stderr(logf)
+        .spawn()
+        .unwrap();
+    server.wait_online("cramped-1");
+    let echo = |server: &Server| {
+        run_one(
+            server,
+            &[
+                "misbehave",
+                "-t",
+                "cramped-1",
+                "--input",
+                r#"{"mode":"echo"}"#,
+            ],
+        )
+    };
+    assert_eq!(echo(&server)["status"], "succeeded");
+
+    let filler = disk.fill();
+    // Whether the refusal comes from the replay log or the outbox depends on which write
+    // needs a new page first; either way it is said clearly and the operator hears back.
+    let r = echo(&server);
+    let text_log = std::fs::read_to_string(&log).unwrap();
+    assert!(text_log.contains("No space left on device"), "{text_log}");
+    match r["status"].as_str() {
+        Some("rejected") => assert!(
+            r["failure"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("cannot record the job"),
+            "{r:#}"
+        ),
+        Some("succeeded") => assert!(
+            text_log.contains("could not be stored durably"),
+            "{text_log}"
+        ),
+        _ => panic!("unexpected result {r:#}"),
+    }
+    assert!(agent.try_wait().unwrap().is_none(), "the agent died");
+
+    // Space again: work goes on.
+    std::fs::remove_file(filler).unwrap();
+    assert_eq!(echo(&server)["status"], "succeeded");
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
