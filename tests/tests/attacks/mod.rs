@@ -497,19 +497,20 @@ fn enrollment_codes_expire_count_uses_and_can_be_revoked() {
     // The enrolled agent runs with what enrollment gave it: no config file at all.
     let log = server.dir.path().join("edge-1.log");
     let file = std::fs::File::create(&log).unwrap();
-    let mut child = Command::new(bin("drover-agent"))
-        .args(["--id", "edge-1", "--data-dir"])
-        .arg(&d1)
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .spawn()
-        .unwrap();
+    let child = Killed(
+        Command::new(bin("drover-agent"))
+            .args(["--id", "edge-1", "--data-dir"])
+            .arg(&d1)
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap(),
+    );
     server.wait_online("edge-1");
     let row = server.agent_row("edge-1").unwrap();
     assert_eq!(row["tags"]["env"], "prod");
     assert_eq!(row["tags"]["team"], "ops");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 
     // Every step is in the audit log.
     let audit = server.json(&["audit", "--action", "agent.enroll"]);

@@ -159,7 +159,9 @@ impl SmallDisk {
 
 impl Drop for SmallDisk {
     fn drop(&mut self) {
+        // Lazy, so a process still holding a file cannot keep it mounted.
         let _ = std::process::Command::new("umount")
+            .arg("-l")
             .arg(&self.path)
             .status();
     }
@@ -174,15 +176,17 @@ fn a_full_disk_is_a_clear_error_and_the_agent_carries_on() {
     let data = disk.path.join("agent");
     let log = server.dir.path().join("cramped.log");
     let logf = std::fs::File::create(&log).unwrap();
-    let mut agent = std::process::Command::new(bin("drover-agent"))
-        .arg("--config")
-        .arg(&cfg)
-        .arg("--data-dir")
-        .arg(&data)
-        .stdout(logf.try_clone().unwrap())
-        .stderr(logf)
-        .spawn()
-        .unwrap();
+    let mut agent = Killed(
+        std::process::Command::new(bin("drover-agent"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(&data)
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .unwrap(),
+    );
     server.wait_online("cramped-1");
     let echo = |server: &Server| {
         run_one(
@@ -218,11 +222,11 @@ fn a_full_disk_is_a_clear_error_and_the_agent_carries_on() {
         ),
         _ => panic!("unexpected result {r:#}"),
     }
-    assert!(agent.try_wait().unwrap().is_none(), "the agent died");
+    assert!(agent.0.try_wait().unwrap().is_none(), "the agent died");
 
     // Space again: work goes on.
     std::fs::remove_file(filler).unwrap();
     assert_eq!(echo(&server)["status"], "succeeded");
-    let _ = agent.kill();
-    let _ = agent.wait();
+    drop(agent);
+    drop(disk);
 }

@@ -651,3 +651,13 @@ pub fn prepend_config(cfg: &std::path::Path, lines: &str) {
 pub fn failure_kind(r: &Value) -> &str {
     r["failure"]["kind"].as_str().unwrap_or("")
 }
+
+/// A child process killed when dropped, even when the test panics.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
