@@ -230,3 +230,62 @@ fn a_full_disk_is_a_clear_error_and_the_agent_carries_on() {
     drop(agent);
     drop(disk);
 }
+
+#[test]
+fn results_survive_an_external_broker_killed_and_restarted_mid_job() {
+    let mut mosq = Mosquitto::start(&[("drover-control", "control-secret")]);
+    let server = server_on(&mosq, "control-secret");
+    publish_misbehave(&server);
+    let cfg = server.add_agent("steady-1", &[]);
+    mosq.add_user("steady-1", &toml_value(&cfg, "password"));
+    let agent = Agent::start("steady-1", &cfg, server.dir.path());
+    server.wait_online("steady-1");
+    let r = run_one(
+        &server,
+        &[
+            "misbehave",
+            "-t",
+            "steady-1",
+            "--input",
+            r#"{"mode":"echo"}"#,
+        ],
+    );
+    assert_eq!(r["status"], "succeeded");
+
+    let job = submit(
+        &server,
+        "steady-1",
+        r#"{"mode":"sleep","seconds":2}"#,
+        "60s",
+    );
+    let running = agent.data_dir.join("running");
+    wait_for(Duration::from_secs(30), "the job to start", || {
+        (files_in(&running) == 1).then_some(())
+    });
+    mosq.kill9();
+    let outbox = agent.data_dir.join("outbox");
+    wait_for(Duration::from_secs(30), "the result in the outbox", || {
+        (files_in(&running) == 0 && files_in(&outbox) == 1).then_some(())
+    });
+    mosq.restart();
+
+    let r = job_result(&server, &job, Duration::from_secs(90));
+    assert_eq!(r["status"], "succeeded", "{r:#}");
+    wait_for(Duration::from_secs(30), "the outbox to empty", || {
+        (files_in(&outbox) == 0).then_some(())
+    });
+    let audit = server.json(&["audit", "--target", &job, "--action", "job.execute"]);
+    assert_eq!(audit.as_array().unwrap().len(), 1, "{audit:#}");
+    // Both sides are back: a new job goes through.
+    let r = run_one(
+        &server,
+        &[
+            "misbehave",
+            "-t",
+            "steady-1",
+            "--input",
+            r#"{"mode":"echo"}"#,
+        ],
+    );
+    assert_eq!(r["status"], "succeeded");
+}

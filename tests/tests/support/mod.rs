@@ -445,6 +445,26 @@ pub struct Mosquitto {
     passwd: PathBuf,
 }
 
+fn spawn_mosquitto(dir: &Path, port: u16) -> Child {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("mosquitto.log"))
+        .unwrap();
+    let child = Command::new(mosquitto_bin("mosquitto"))
+        .arg("-c")
+        .arg(dir.join("mosquitto.conf"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawn mosquitto");
+    wait_for(Duration::from_secs(10), "mosquitto listening", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    child
+}
+
 pub fn mosquitto_bin(name: &str) -> PathBuf {
     for d in ["/usr/sbin", "/usr/bin"] {
         let p = Path::new(d).join(name);
@@ -486,18 +506,7 @@ impl Mosquitto {
         )
         .unwrap();
         make_readable(dir.path());
-        let log = fs::File::create(dir.path().join("mosquitto.log")).unwrap();
-        let child = Command::new(mosquitto_bin("mosquitto"))
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn mosquitto");
-        wait_for(Duration::from_secs(10), "mosquitto listening", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
+        let child = spawn_mosquitto(dir.path(), port);
         let passwd = dir.path().join("passwd");
         Mosquitto {
             dir,
@@ -505,6 +514,17 @@ impl Mosquitto {
             child,
             passwd,
         }
+    }
+
+    /// SIGKILL: the broker vanishes with everything in flight.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port with the same files.
+    pub fn restart(&mut self) {
+        self.child = spawn_mosquitto(self.dir.path(), self.port);
     }
 
     /// Makes Mosquitto reload its password and ACL files (after making them readable).
