@@ -69,6 +69,53 @@ fn a_job_cut_short_by_kill_9_is_reported_interrupted_and_never_rerun() {
     assert!(!agent.log_text().contains("job succeeded"));
 }
 
+/// Runs a 2 s job on `target`, takes something down while it runs (`outage`), waits
+/// for the result to land in the agent's outbox, brings it back (`recovery`), and checks
+/// the result arrives, is stored exactly once, and leaves the outbox.
+fn across_an_outage(
+    server: &mut Server,
+    agent: &Agent,
+    target: &str,
+    outage: impl FnOnce(&mut Server),
+    recovery: impl FnOnce(&mut Server),
+) {
+    // Warm up (fetch and compile), so the timed job is quick once it starts.
+    let echo = r#"{"mode":"echo"}"#;
+    assert_eq!(
+        run_one(server, &["misbehave", "-t", target, "--input", echo])["status"],
+        "succeeded"
+    );
+
+    let job = submit(server, target, r#"{"mode":"sleep","seconds":2}"#, "60s");
+    let running = agent.data_dir.join("running");
+    wait_for(Duration::from_secs(30), "the job to start", || {
+        (files_in(&running) == 1).then_some(())
+    });
+    outage(server);
+
+    // The job finishes with nobody to tell: its result waits on disk.
+    let outbox = agent.data_dir.join("outbox");
+    wait_for(Duration::from_secs(30), "the result in the outbox", || {
+        (files_in(&running) == 0 && files_in(&outbox) == 1).then_some(())
+    });
+    recovery(server);
+
+    let r = job_result(server, &job, Duration::from_secs(90));
+    assert_eq!(r["status"], "succeeded", "{r:#}");
+    assert_eq!(r["output"]["slept"].as_f64(), Some(2.0));
+    // Acknowledged end to end: the outbox empties, and the result is stored once.
+    wait_for(Duration::from_secs(30), "the outbox to empty", || {
+        (files_in(&outbox) == 0).then_some(())
+    });
+    let audit = server.json(&["audit", "--target", &job, "--action", "job.execute"]);
+    assert_eq!(audit.as_array().unwrap().len(), 1, "{audit:#}");
+    // Both sides are back: a new job goes through.
+    assert_eq!(
+        run_one(server, &["misbehave", "-t", target, "--input", echo])["status"],
+        "succeeded"
+    );
+}
+
 #[test]
 fn results_wait_in_the_outbox_while_the_server_and_its_broker_are_down() {
     let (api, mqtt) = (free_port(), free_port());
@@ -78,48 +125,13 @@ fn results_wait_in_the_outbox_while_the_server_and_its_broker_are_down() {
     let cfg = server.add_agent("patient-1", &[]);
     let agent = Agent::start("patient-1", &cfg, server.dir.path());
     server.wait_online("patient-1");
-
-    // Warm up (fetch and compile), so the next job is quick once it starts.
-    let r = run_one(
-        &server,
-        &[
-            "misbehave",
-            "-t",
-            "patient-1",
-            "--input",
-            r#"{"mode":"echo"}"#,
-        ],
-    );
-    assert_eq!(r["status"], "succeeded");
-
-    let job = submit(
-        &server,
+    across_an_outage(
+        &mut server,
+        &agent,
         "patient-1",
-        r#"{"mode":"sleep","seconds":2}"#,
-        "60s",
+        Server::stop,
+        Server::restart,
     );
-    let running = agent.data_dir.join("running");
-    wait_for(Duration::from_secs(30), "the job to start", || {
-        (files_in(&running) == 1).then_some(())
-    });
-    server.stop();
-
-    // The job finishes with nobody to tell: its result waits on disk.
-    let outbox = agent.data_dir.join("outbox");
-    wait_for(Duration::from_secs(30), "the result in the outbox", || {
-        (files_in(&running) == 0 && files_in(&outbox) == 1).then_some(())
-    });
-
-    server.restart();
-    let r = job_result(&server, &job, Duration::from_secs(90));
-    assert_eq!(r["status"], "succeeded", "{r:#}");
-    assert_eq!(r["output"]["slept"].as_f64(), Some(2.0));
-    // Acknowledged end to end: the outbox empties, and the result is stored once.
-    wait_for(Duration::from_secs(30), "the outbox to empty", || {
-        (files_in(&outbox) == 0).then_some(())
-    });
-    let audit = server.json(&["audit", "--target", &job, "--action", "job.execute"]);
-    assert_eq!(audit.as_array().unwrap().len(), 1, "{audit:#}");
 }
 
 /// A small tmpfs, unmounted when dropped.
@@ -233,59 +245,19 @@ fn a_full_disk_is_a_clear_error_and_the_agent_carries_on() {
 
 #[test]
 fn results_survive_an_external_broker_killed_and_restarted_mid_job() {
-    let mut mosq = Mosquitto::start(&[("drover-control", "control-secret")]);
-    let server = server_on(&mosq, "control-secret");
+    let mosq = Mosquitto::start(&[("drover-control", "control-secret")]);
+    let mut server = server_on(&mosq, "control-secret");
     publish_misbehave(&server);
     let cfg = server.add_agent("steady-1", &[]);
     mosq.add_user("steady-1", &toml_value(&cfg, "password"));
     let agent = Agent::start("steady-1", &cfg, server.dir.path());
     server.wait_online("steady-1");
-    let r = run_one(
-        &server,
-        &[
-            "misbehave",
-            "-t",
-            "steady-1",
-            "--input",
-            r#"{"mode":"echo"}"#,
-        ],
-    );
-    assert_eq!(r["status"], "succeeded");
-
-    let job = submit(
-        &server,
+    let mosq = std::cell::RefCell::new(mosq);
+    across_an_outage(
+        &mut server,
+        &agent,
         "steady-1",
-        r#"{"mode":"sleep","seconds":2}"#,
-        "60s",
+        |_| mosq.borrow_mut().kill9(),
+        |_| mosq.borrow_mut().restart(),
     );
-    let running = agent.data_dir.join("running");
-    wait_for(Duration::from_secs(30), "the job to start", || {
-        (files_in(&running) == 1).then_some(())
-    });
-    mosq.kill9();
-    let outbox = agent.data_dir.join("outbox");
-    wait_for(Duration::from_secs(30), "the result in the outbox", || {
-        (files_in(&running) == 0 && files_in(&outbox) == 1).then_some(())
-    });
-    mosq.restart();
-
-    let r = job_result(&server, &job, Duration::from_secs(90));
-    assert_eq!(r["status"], "succeeded", "{r:#}");
-    wait_for(Duration::from_secs(30), "the outbox to empty", || {
-        (files_in(&outbox) == 0).then_some(())
-    });
-    let audit = server.json(&["audit", "--target", &job, "--action", "job.execute"]);
-    assert_eq!(audit.as_array().unwrap().len(), 1, "{audit:#}");
-    // Both sides are back: a new job goes through.
-    let r = run_one(
-        &server,
-        &[
-            "misbehave",
-            "-t",
-            "steady-1",
-            "--input",
-            r#"{"mode":"echo"}"#,
-        ],
-    );
-    assert_eq!(r["status"], "succeeded");
 }
