@@ -334,9 +334,7 @@ impl ControlPlane {
             };
             let agent = agent.to_string();
             if let Err(e) = self.handle(&agent, kind, &msg.payload).await {
-                let event = e
-                    .downcast_ref::<RefusalError>()
-                    .map_or("bad-message", |r| r.0);
+                let event = e.downcast_ref::<Refusal>().map_or("bad-message", |r| r.0);
                 tracing::warn!(agent.id = %agent, kind = kind.as_str(), event, error = %format!("{e:#}"), "agent message refused");
                 let _ = self.shared.store.add_event(
                     &agent,
@@ -354,8 +352,10 @@ impl ControlPlane {
         match kind {
             Up::Status => {
                 if store.is_deregistered(agent)? {
-                    return Err(Refusal("deregistered")
-                        .into_err(format!("agent {agent} is deregistered; presence ignored")));
+                    return Err(refusal(
+                        "deregistered",
+                        format!("agent {agent} is deregistered; presence ignored"),
+                    ));
                 }
                 let p: Presence = serde_json::from_slice(payload)?;
                 let online = p == Presence::Online;
@@ -448,16 +448,23 @@ impl ControlPlane {
     fn verify_from<T: Signable>(&self, agent: &str, payload: &[u8]) -> anyhow::Result<T> {
         let store = &self.shared.store;
         if store.is_deregistered(agent)? {
-            return Err(Refusal("deregistered").into_err(format!("agent {agent} is deregistered")));
+            return Err(refusal(
+                "deregistered",
+                format!("agent {agent} is deregistered"),
+            ));
         }
         let Some(keys) = store.agent_keys(agent)? else {
-            return Err(
-                Refusal("unenrolled").into_err(format!("agent {agent} has not enrolled a key"))
-            );
+            return Err(refusal(
+                "unenrolled",
+                format!("agent {agent} has not enrolled a key"),
+            ));
         };
         let signed: Signed<T> = serde_json::from_slice(payload)?;
         signed.verify(&[keys.signing_key]).map_err(|e| {
-            Refusal("forged").into_err(format!("not signed by agent {agent}'s enrolled key: {e}"))
+            refusal(
+                "forged",
+                format!("not signed by agent {agent}'s enrolled key: {e}"),
+            )
         })
     }
 
@@ -538,19 +545,14 @@ impl ControlPlane {
     }
 }
 
-/// A refused agent message, with the event kind it is recorded under.
-#[derive(Debug)]
-struct Refusal(&'static str);
-
-impl Refusal {
-    fn into_err(self, msg: String) -> anyhow::Error {
-        anyhow::Error::new(RefusalError(self.0, msg))
-    }
-}
-
+/// A refused agent message: the event kind it is recorded under, and why.
 #[derive(Debug, thiserror::Error)]
 #[error("{1}")]
-struct RefusalError(&'static str, String);
+struct Refusal(&'static str, String);
+
+fn refusal(kind: &'static str, why: String) -> anyhow::Error {
+    Refusal(kind, why).into()
+}
 
 /// A new job id: time-ordered prefix and random suffix.
 pub fn new_job_id() -> String {

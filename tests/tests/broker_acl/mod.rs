@@ -286,13 +286,7 @@ fn embedded_broker_confines_each_agent_to_its_own_topics() {
     publish_misbehave(&server);
     let cfg_a = server.add_agent("rogue-a", &[]);
     let cfg_b = server.add_agent("honest-b", &[]);
-    let port: u16 = server
-        .broker_url()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let port = server.broker_port();
     let a = Login::of("rogue-a", &cfg_a);
     let mut agent_a = Agent::start("rogue-a", &cfg_a, server.dir.path());
     server.wait_online("rogue-a");
@@ -410,13 +404,7 @@ fn a_deregistered_agent_is_dropped_and_stays_out() {
     let server = Server::start();
     let cfg = server.add_agent("gone-b", &[]);
     let login = Login::of("gone-b", &cfg);
-    let port: u16 = server
-        .broker_url()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let port = server.broker_port();
     let mut agent = Agent::start("gone-b", &cfg, server.dir.path());
     server.wait_online("gone-b");
     let before = agent.log_text().len();

@@ -229,6 +229,12 @@ impl Server {
         serde_json::from_slice(&fs::read(self.data.join("server.json")).unwrap()).unwrap()
     }
 
+    /// The port of the broker agents dial.
+    pub fn broker_port(&self) -> u16 {
+        let url = self.broker_url();
+        url.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
     /// The broker URL agents dial.
     pub fn broker_url(&self) -> String {
         self.info()["broker"].as_str().unwrap().to_string()
