@@ -267,6 +267,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     Err(e) => tracing::warn!("key set refused: {e}"),
                 }
             }
+            Some((id, Down::Cancel)) if id == config.id => executor.cancel(&msg.payload),
             Some((id, Down::Ack)) if id == config.id => {
                 match serde_json::from_slice::<ResultAck>(&msg.payload) {
                     Ok(ack) => {

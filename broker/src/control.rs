@@ -433,6 +433,9 @@ impl ControlPlane {
                     }
                 }
             }
+            Up::Progress => {
+                let _p: drover_protocol::job::Progress = self.verify_from(agent, payload)?;
+            }
             Up::Fetch => {
                 let req: FetchRequest = serde_json::from_slice(payload)?;
                 store.touch(agent, now)?;

@@ -135,6 +135,8 @@ pub enum FailureKind {
     BadOutput,
     /// The agent stopped (crashed, was killed) while the job ran; it is not re-run.
     Interrupted,
+    /// The operator cancelled the job; whatever it started was killed.
+    Cancelled,
 }
 
 impl FailureKind {
@@ -262,4 +264,68 @@ pub struct ResultAck {
     pub job_id: String,
     /// The attempt.
     pub attempt: u32,
+}
+
+/// Which output stream a piece of live output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamName {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// What a progress report says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "event")]
+pub enum ProgressEvent {
+    /// The envelope passed its checks and the job is starting.
+    Started,
+    /// Output a running program wrote. Best effort: the result carries the full output
+    /// up to the cap, so a dropped piece of live output loses nothing.
+    Output {
+        /// Which stream.
+        stream: StreamName,
+        /// The bytes, as UTF-8 (invalid sequences replaced).
+        text: String,
+    },
+}
+
+/// A job's progress on one agent, signed by the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The job.
+    pub job_id: String,
+    /// The agent.
+    pub agent_id: String,
+    /// The attempt.
+    pub attempt: u32,
+    /// Counts up from 0 per job and attempt, so a reader sees gaps and order.
+    pub seq: u64,
+    /// When, Unix milliseconds.
+    pub at_ms: u64,
+    /// What happened.
+    #[serde(flatten)]
+    pub event: ProgressEvent,
+}
+
+impl Signable for Progress {
+    const CONTEXT: &'static str = "job-progress-v1";
+}
+
+/// The control plane's request to stop a job on one agent, signed by the control-plane
+/// key. An agent that has not started the job yet never starts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelRequest {
+    /// The job.
+    pub job_id: String,
+    /// The agent this request is for.
+    pub agent_id: String,
+    /// When the operator asked, Unix milliseconds.
+    pub at_ms: u64,
+}
+
+impl Signable for CancelRequest {
+    const CONTEXT: &'static str = "job-cancel-v1";
 }

@@ -20,6 +20,8 @@ pub enum Up {
     Fetch,
     /// A signed heartbeat.
     Heartbeat,
+    /// A job's progress: started, and live output while it runs.
+    Progress,
 }
 
 /// What the control plane sends to an agent.
@@ -33,6 +35,8 @@ pub enum Down {
     Ack,
     /// A new signed key set.
     Keyset,
+    /// A signed request to stop a job.
+    Cancel,
 }
 
 impl Up {
@@ -44,6 +48,7 @@ impl Up {
             Up::Result => "result",
             Up::Fetch => "fetch",
             Up::Heartbeat => "heartbeat",
+            Up::Progress => "progress",
         }
     }
 
@@ -55,6 +60,7 @@ impl Up {
             "result" => Up::Result,
             "fetch" => Up::Fetch,
             "heartbeat" => Up::Heartbeat,
+            "progress" => Up::Progress,
             _ => return None,
         })
     }
@@ -68,6 +74,7 @@ impl Down {
             Down::Chunk => "chunk",
             Down::Ack => "ack",
             Down::Keyset => "keyset",
+            Down::Cancel => "cancel",
         }
     }
 
@@ -78,6 +85,7 @@ impl Down {
             "chunk" => Down::Chunk,
             "ack" => Down::Ack,
             "keyset" => Down::Keyset,
+            "cancel" => Down::Cancel,
             _ => return None,
         })
     }
