@@ -1,6 +1,8 @@
 //! The agent's main loop: connect, announce, and route what arrives.
 
+use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -72,7 +74,11 @@ async fn heartbeats(
 
 /// Fills in what enrollment provides (enrolling first if the config says how), and
 /// refuses to run an agent the server would not recognise.
-async fn resolve(mut c: Config, identity: &Arc<Identity>) -> anyhow::Result<Config> {
+async fn resolve(
+    mut c: Config,
+    identity: &Arc<Identity>,
+    hostname: &str,
+) -> anyhow::Result<Config> {
     let enrollment = match Enrollment::load(&c.data_dir)? {
         Some(e) => e,
         None => {
@@ -83,7 +89,7 @@ async fn resolve(mut c: Config, identity: &Arc<Identity>) -> anyhow::Result<Conf
                 );
             };
             let (data_dir, id, ident) = (c.data_dir.clone(), c.id.clone(), identity.clone());
-            let hostname = HostFacts::gather().hostname;
+            let hostname = hostname.to_string();
             let e = tokio::task::spawn_blocking(move || {
                 identity::enroll(&data_dir, &settings, Some(&id), &ident, &hostname)
             })
@@ -121,19 +127,65 @@ async fn resolve(mut c: Config, identity: &Arc<Identity>) -> anyhow::Result<Conf
     Ok(c)
 }
 
+/// What agents in one process may share: the wasm engine and compiled plugins, and host facts.
+#[derive(Clone)]
+pub struct Shared {
+    /// The wasmtime engine, its epoch ticker and the precompiled-plugin cache.
+    pub runtime: Arc<Runtime>,
+    /// Host facts, gathered once: the hostname for enrollment and `Hello`.
+    pub facts: HostFacts,
+    /// Counters summed over every agent run with this `Shared`.
+    pub counters: Arc<Counters>,
+}
+
+impl Shared {
+    /// Starts a runtime whose precompiled cache is `compiled_dir`, and gathers host facts.
+    pub fn new(compiled_dir: &Path) -> anyhow::Result<Shared> {
+        Ok(Shared {
+            runtime: Arc::new(Runtime::new(compiled_dir).context("starting the wasm runtime")?),
+            facts: HostFacts::gather(),
+            counters: Arc::default(),
+        })
+    }
+}
+
+/// Counters over the agents sharing one [`Shared`] (one, for `drover-agent`).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Agents past start-up and in their message loop.
+    pub running: AtomicUsize,
+    /// Job envelopes received (before any check).
+    pub jobs_received: AtomicU64,
+}
+
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let shared = Shared::new(&config.data_dir.join("compiled"))?;
+    run_with(config, shared, shutdown).await
+}
+
+/// Runs the agent until `shutdown` is cancelled, with an engine and facts that other
+/// agents in this process may share.
+pub async fn run_with(
+    config: Config,
+    shared: Shared,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let Shared {
+        runtime,
+        facts,
+        counters,
+    } = shared;
     let identity = Arc::new(Identity::load_or_create(&config.data_dir)?);
-    let config = Arc::new(resolve(config, &identity).await?);
+    let config = Arc::new(resolve(config, &identity, &facts.hostname).await?);
     let broker_url = config
         .broker
         .clone()
         .context("no broker: set `broker` in the config file or enroll")?;
-    let runtime = Arc::new(
-        Runtime::new(&config.data_dir.join("compiled")).context("starting the wasm runtime")?,
-    );
 
     let state = Arc::new(
         State::open(
@@ -145,7 +197,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         )
         .context("opening the agent's state")?,
     );
-    let facts = HostFacts::gather();
     let hello = Hello {
         agent_id: config.id.clone(),
         hostname: facts.hostname.clone(),
@@ -235,6 +286,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         data_dir = %config.data_dir.display(),
         "agent started"
     );
+    counters.running.fetch_add(1, Ordering::Relaxed);
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -245,6 +297,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         };
         match topics::parse_down(&msg.topic) {
             Some((id, Down::Job)) if id == config.id => {
+                counters.jobs_received.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = job_tx.try_send(msg.payload) {
                     let payload = match e {
                         mpsc::error::TrySendError::Full(p)
@@ -283,6 +336,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
 
     tracing::info!("agent stopping");
+    counters.running.fetch_sub(1, Ordering::Relaxed);
     drop(job_tx);
     // Running jobs get a bounded grace period to finish and report.
     let _ = tokio::time::timeout(Duration::from_secs(5), exec_task).await;
