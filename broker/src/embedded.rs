@@ -39,6 +39,7 @@ use mqtt5::broker::config::{
     BrokerConfig as MqttConfig, StorageBackend as MqttStorageBackend, StorageConfig,
 };
 use mqtt5::broker::events::BrokerEventHandler;
+use mqtt5::broker::resource_monitor::ResourceLimits;
 use mqtt5::broker::server::{BrokerShutdownHandle, MqttBroker};
 use mqtt5::broker::storage::DynamicStorage;
 use tokio::sync::{broadcast, watch};
@@ -108,6 +109,9 @@ pub struct BrokerConfig {
     pub data_dir: Option<PathBuf>,
     /// The largest MQTT packet accepted, in bytes (at least 1024).
     pub max_packet_size: usize,
+    /// The most clients connected at once (at least 1), from any one address too: a
+    /// fleet behind one NAT is one address.
+    pub max_connections: usize,
 }
 
 /// A running broker. Call [`EmbeddedBroker::shutdown`] to stop it; dropping it stops it
@@ -171,6 +175,9 @@ impl EmbeddedBroker {
                 config.max_packet_size
             );
         }
+        if config.max_connections == 0 {
+            bail!("max_connections must be at least 1");
+        }
         let tls_acceptor = match &config.tls {
             Some(t) if t.handshake_timeout.is_zero() => {
                 bail!("the TLS handshake timeout must not be zero")
@@ -187,6 +194,16 @@ impl EmbeddedBroker {
             .with_auth_provider(Arc::clone(&gate) as Arc<dyn AuthProvider>);
 
         gate.set_router(&broker.router());
+        // mqtt5 takes the global limit from `max_clients` but caps each address at
+        // 10,000 on its own; lift that to the global limit.
+        broker.resource_monitor().update_limits(ResourceLimits {
+            max_connections: config.max_connections,
+            max_connections_per_ip: config.max_connections,
+            max_message_rate_per_client: mqtt_config.max_message_rate_per_client,
+            max_bandwidth_per_client: mqtt_config.max_bandwidth_per_client,
+            max_connection_rate: 10_000,
+            rate_limit_window: Duration::from_secs(1),
+        });
         let shared = Arc::new(Shared {
             config: Arc::new(mqtt_config),
             router: broker.router(),
@@ -382,6 +399,7 @@ fn mqtt_config(config: &BrokerConfig, gate: &Arc<Gate>) -> MqttConfig {
         // mqtt5's own (unused) listener; see the module documentation.
         .with_bind_address((Ipv4Addr::LOCALHOST, 0))
         .with_max_packet_size(config.max_packet_size)
+        .with_max_clients(config.max_connections)
         .with_session_expiry(MAX_SESSION_EXPIRY)
         .with_storage(storage)
         .with_event_handler(Arc::clone(gate) as Arc<dyn BrokerEventHandler>);
@@ -444,6 +462,7 @@ mod tests {
             tls: None,
             data_dir: None,
             max_packet_size: 1 << 20,
+            max_connections: 1000,
         }
     }
 
@@ -1291,6 +1310,25 @@ mod tests {
             for c in [a, b, control] {
                 c.disconnect().await;
             }
+            broker.shutdown().await.unwrap();
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_beyond_max_connections_are_refused() {
+        bounded(async {
+            let broker = start(BrokerConfig {
+                max_connections: 1,
+                ..config()
+            })
+            .await;
+            let addr = broker.local_addr();
+            let mut a = connect(addr, "agent-a", "agent-a", true).await.unwrap();
+            // mqtt5 counts a client after its CONNACK; a SUBACK comes after that.
+            a.subscribe(&topics::down_filter("agent-a")).await;
+            assert!(connect(addr, "agent-b", "agent-b", true).await.is_err());
+            a.disconnect().await;
             broker.shutdown().await.unwrap();
         })
         .await;

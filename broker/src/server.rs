@@ -43,6 +43,8 @@ pub struct ServeConfig {
     /// The broker URL enrolling agents are told to dial, when not the one the server
     /// itself uses (a public address, say).
     pub advertise_broker: Option<String>,
+    /// The most clients the embedded broker lets connect at once.
+    pub max_connections: usize,
 }
 
 /// What a running server tells the CLI and tests: written to `server.json`.
@@ -91,6 +93,7 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
                     tls: config.mqtt_tls.clone(),
                     data_dir: Some(data.broker_dir()),
                     max_packet_size: MAX_PACKET,
+                    max_connections: config.max_connections,
                 },
                 auth,
             )

@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// The broker URL to give enrolling agents, if not the one the server uses.
     #[arg(long)]
     advertise_broker: Option<String>,
+    /// The most MQTT clients the embedded broker lets connect at once (from any one
+    /// address too).
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
 }
 
 pub fn run(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
@@ -84,6 +88,7 @@ pub fn run(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
         external_credentials,
         ca_file: a.ca_file,
         advertise_broker: a.advertise_broker,
+        max_connections: usize::try_from(a.max_connections).unwrap_or(usize::MAX),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
