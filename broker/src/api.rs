@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::control::{ControlError, ControlPlane, JobRequest};
 use crate::credentials::BrokerAuth;
-use crate::store::{JobRow, TargetRow};
+use crate::store::JobRow;
 
 /// Shared state of the API.
 #[derive(Clone, Debug)]
@@ -75,8 +75,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/agents/{id}/credentials", post(create_credentials))
         .route("/api/v1/agents/{id}/deregister", post(deregister_agent))
         .route("/api/v1/plugins", get(list_plugins).post(publish_plugin))
-        .route("/api/v1/jobs", post(create_job))
+        .route("/api/v1/jobs", get(list_jobs).post(create_job))
         .route("/api/v1/jobs/{id}", get(get_job))
+        .route("/api/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/api/v1/jobs/{id}/live", get(live_job))
+        .route("/api/v1/commands", post(create_command))
         .route("/api/v1/events", get(list_events))
         .route("/api/v1/keyset", get(get_keyset).post(put_keyset))
         .route(
@@ -272,6 +275,182 @@ async fn create_job(
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
+async fn create_command(
+    State(s): State<ApiState>,
+    Json(req): Json<crate::command::CommandRequest>,
+) -> Result<Response, ApiError> {
+    let what = match &req.script {
+        Some(script) => format!("script {script:?} on {}", req.targets),
+        None => format!("{:?} on {}", req.argv, req.targets),
+    };
+    let job = match req.into_job() {
+        Ok(j) => j,
+        Err(e) => {
+            audit_op(&s, "command.create", &what, "refused", &e);
+            return Err(bad(e));
+        }
+    };
+    let created = match s.control.submit(job).await {
+        Ok(c) => c,
+        Err(e) => {
+            audit_op(&s, "command.create", &what, "refused", &e.to_string());
+            return Err(e.into());
+        }
+    };
+    audit_op(
+        &s,
+        "command.create",
+        &created.job_id,
+        "ok",
+        &format!("{what}: {} agent(s)", created.agents.len()),
+    );
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+async fn cancel_job(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<crate::control::CancelOutcome>, ApiError> {
+    let outcome = s.control.cancel(&id).await?;
+    audit_op(
+        &s,
+        "job.cancel",
+        &id,
+        "ok",
+        &format!(
+            "{} not started, {} asked to stop",
+            outcome.not_started, outcome.stop_requests
+        ),
+    );
+    Ok(Json(outcome))
+}
+
+/// Job listing parameters.
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    /// At most this many (default 20).
+    pub limit: Option<u32>,
+}
+
+/// A job in a listing: the job and its state counts.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JobSummary {
+    /// The job.
+    pub job: JobRow,
+    /// Targets per state.
+    pub counts: std::collections::BTreeMap<String, usize>,
+    /// Whether it is rate-controlled.
+    pub rate_controlled: bool,
+}
+
+async fn list_jobs(
+    State(s): State<ApiState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<JobSummary>>, ApiError> {
+    let store = s.control.store();
+    let mut out = Vec::new();
+    for job in store.jobs(q.limit.unwrap_or(20).min(1000))? {
+        let targets = store.targets(&job.id)?;
+        out.push(JobSummary {
+            counts: crate::command::counts(&targets),
+            rate_controlled: store.rollout(&job.id)?.is_some(),
+            job,
+        });
+    }
+    Ok(Json(out))
+}
+
+/// Streams a job's live events as JSON lines: first every target's state, then output
+/// and state changes as they happen, and an `end` event once every target is final.
+async fn live_job(State(s): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    use crate::control::{LiveEvent, LiveWhat};
+    use tokio::sync::broadcast::error::RecvError;
+    // Subscribed before the snapshot, so nothing falls between the two.
+    let mut live = s.control.live();
+    let first = job_view(&s, &id)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<axum::body::Bytes>(256);
+    let line = |e: &LiveEvent| {
+        let mut v = serde_json::to_vec(e).unwrap_or_default();
+        v.push(b'\n');
+        axum::body::Bytes::from(v)
+    };
+    let store = s.control.store().clone();
+    tokio::spawn(async move {
+        let ev = |agent: &str, what: LiveWhat| LiveEvent {
+            job_id: id.clone(),
+            agent_id: agent.to_string(),
+            what,
+        };
+        let mut open: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for t in &first.targets {
+            if !t.is_done() {
+                open.insert(t.agent_id.clone());
+            }
+            let e = ev(
+                &t.agent_id,
+                LiveWhat::State {
+                    state: t.state,
+                    detail: t.detail.clone(),
+                },
+            );
+            if tx.send(line(&e)).await.is_err() {
+                return;
+            }
+        }
+        let recheck = |open: &mut std::collections::HashSet<String>| {
+            if let Ok(targets) = store.targets(&id) {
+                for t in targets {
+                    if t.is_done() {
+                        open.remove(&t.agent_id);
+                    }
+                }
+            }
+        };
+        while !open.is_empty() {
+            let got = tokio::select! {
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                    recheck(&mut open);
+                    continue;
+                }
+                got = live.recv() => got,
+            };
+            match got {
+                Ok(e) if e.job_id == id => {
+                    if let LiveWhat::State { state, .. } = &e.what
+                        && state.is_final()
+                    {
+                        open.remove(&e.agent_id);
+                    }
+                    if tx.send(line(&e)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(skipped)) => {
+                    let e = ev("", LiveWhat::Lagged { skipped });
+                    if tx.send(line(&e)).await.is_err() {
+                        return;
+                    }
+                    recheck(&mut open);
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+        let _ = tx.send(line(&ev("", LiveWhat::End))).await;
+    });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
+}
+
 /// Long-poll parameters for a job.
 #[derive(Debug, Deserialize)]
 pub struct JobQuery {
@@ -283,13 +462,14 @@ pub struct JobQuery {
     pub done: Option<usize>,
 }
 
-/// A job with its targets.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct JobView {
-    /// The job.
-    pub job: JobRow,
-    /// Its targets.
-    pub targets: Vec<TargetRow>,
+pub use crate::command::JobView;
+
+fn job_view(s: &ApiState, id: &str) -> Result<JobView, ApiError> {
+    let store = s.control.store();
+    let job = store
+        .job(id)?
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no job {id}")))?;
+    Ok(JobView::new(job, store.rollout(id)?, store.targets(id)?))
 }
 
 async fn get_job(
@@ -297,22 +477,17 @@ async fn get_job(
     Path(id): Path<String>,
     Query(q): Query<JobQuery>,
 ) -> Result<Json<JobView>, ApiError> {
-    let store = s.control.store();
     let mut changed = s.control.results_changed();
     let deadline =
         tokio::time::Instant::now() + Duration::from_millis(q.wait_ms.unwrap_or(0).min(60_000));
     loop {
-        let job = store
-            .job(&id)?
-            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no job {id}")))?;
-        let targets = store.targets(&id)?;
-        let done = targets.iter().filter(|t| t.is_done()).count();
-        let all_done = done == targets.len();
-        if all_done
+        let view = job_view(&s, &id)?;
+        let done = view.finished();
+        if done == view.targets.len()
             || done > q.done.unwrap_or(usize::MAX)
             || tokio::time::Instant::now() >= deadline
         {
-            return Ok(Json(JobView { job, targets }));
+            return Ok(Json(view));
         }
         if tokio::time::timeout_at(deadline, changed.changed())
             .await

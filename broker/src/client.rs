@@ -69,6 +69,47 @@ impl Client {
         self.finish(what, r)
     }
 
+    /// GET `path` as a stream of lines, calling `each` with every line until it returns
+    /// `false` or the stream ends. There is no overall timeout: the stream lasts as long
+    /// as what it follows.
+    pub fn stream_lines(
+        &self,
+        what: &str,
+        path: &str,
+        mut each: impl FnMut(&str) -> anyhow::Result<bool>,
+    ) -> anyhow::Result<()> {
+        use std::io::BufRead as _;
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(10)))
+            .build()
+            .new_agent();
+        let resp = agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call()
+            .with_context(|| format!("{what}: cannot reach the server at {}", self.base))?;
+        if !resp.status().is_success() {
+            let status = resp.status().as_u16();
+            let text = resp
+                .into_body()
+                .read_to_string()
+                .unwrap_or_default();
+            bail!("{what}: {} (HTTP {status})", text.trim());
+        }
+        let reader = std::io::BufReader::new(resp.into_body().into_reader());
+        for line in reader.lines() {
+            let line = line.with_context(|| format!("{what}: reading the stream"))?;
+            if line.is_empty() {
+                continue;
+            }
+            if !each(&line)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// POST `body` as JSON to `path`.
     pub fn post<T: DeserializeOwned>(
         &self,

@@ -4,12 +4,19 @@
 //! It is an ordinary MQTT client of whatever broker it is given, embedded or external, so
 //! nothing here assumes the embedded broker.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use drover_protocol::agent::{Hello, Presence};
 use drover_protocol::chunk::{self, ChunkHeader, FetchRequest};
 use drover_protocol::enroll::Heartbeat;
-use drover_protocol::job::{JobEnvelope, JobResult, Limits, Parameter, ResultAck};
+use drover_protocol::job::{
+    CancelRequest, JobEnvelope, JobResult, Limits, Parameter, Progress, ProgressEvent, ResultAck,
+    StreamName,
+};
+use drover_protocol::manifest::Manifest;
+use drover_protocol::secret::SealedBox;
 use drover_protocol::keys::SigningKey;
 use drover_protocol::keyset::KeySet;
 use drover_protocol::link::{Incoming, LinkHandle};
@@ -17,9 +24,10 @@ use drover_protocol::now_ms;
 use drover_protocol::signed::{Signable, Signed};
 use drover_protocol::topics::{self, Down, Up};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 
-use crate::store::{JobRow, Recorded, Store};
+use crate::rollout::{Action, Amount, Ramp, RatePolicy, Restored, Rollout, TargetState};
+use crate::store::{JobRow, Recorded, RolloutRow, Store};
 
 /// How long an envelope stays valid when the request does not say.
 pub const DEFAULT_DELIVERY_SECS: u64 = 600;
@@ -55,6 +63,106 @@ pub struct JobRequest {
     /// Secret parameters: sealed to each target agent's key, never stored or logged.
     #[serde(default)]
     pub secrets: std::collections::BTreeMap<String, String>,
+    /// Rate control; without it every target gets the job at once.
+    #[serde(default)]
+    pub rate: Option<RateRequest>,
+}
+
+/// Rate control as an operator asks for it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RateRequest {
+    /// `N` or `N%` of the targets in flight at once; all when absent.
+    #[serde(default)]
+    pub max_concurrency: Option<String>,
+    /// `N` or `N%` errors tolerated before the job stops spreading; no limit when absent.
+    #[serde(default)]
+    pub max_errors: Option<String>,
+    /// `none` or `exponential`.
+    #[serde(default)]
+    pub ramp: Option<String>,
+}
+
+/// What a rate-controlled job needs, beyond the job row, to send envelopes later; stored
+/// so that a restarted server carries on. Secret values are never stored: their names
+/// are, so that a restart can say why the remaining targets cannot get them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutSpec {
+    /// The rules.
+    pub policy: RatePolicy,
+    /// Limits for each run.
+    pub limits: Limits,
+    /// Plain parameters.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+    /// Names of secret parameters.
+    #[serde(default)]
+    pub secret_names: Vec<String>,
+}
+
+/// Something live about a job, for followers: output as it is written, and state changes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LiveEvent {
+    /// The job.
+    pub job_id: String,
+    /// The agent.
+    pub agent_id: String,
+    /// What happened.
+    #[serde(flatten)]
+    pub what: LiveWhat,
+}
+
+/// What a [`LiveEvent`] says.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "event")]
+pub enum LiveWhat {
+    /// Output a running command wrote.
+    Output {
+        /// Which stream.
+        stream: StreamName,
+        /// The text.
+        text: String,
+        /// The agent's sequence number, to show gaps.
+        seq: u64,
+    },
+    /// The target moved to a new state.
+    State {
+        /// The state.
+        state: TargetState,
+        /// Why, for failures and server decisions.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+    },
+    /// The follower fell behind and this many events were skipped; the stored results
+    /// still have everything.
+    Lagged {
+        /// How many.
+        skipped: u64,
+    },
+    /// Every target is final; nothing more will come.
+    End,
+}
+
+/// What cancelling a job did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CancelOutcome {
+    /// The job.
+    pub job_id: String,
+    /// Targets that had not been sent the job and never will.
+    pub not_started: usize,
+    /// Targets in flight that were asked to stop.
+    pub stop_requests: usize,
+}
+
+/// A rate-controlled job in progress.
+struct Active {
+    rollout: Rollout,
+    manifest: Signed<Manifest>,
+    input: serde_json::Value,
+    limits: Limits,
+    expires_ms: u64,
+    /// Plain parameters, and secrets already sealed to each agent.
+    plain: BTreeMap<String, String>,
+    sealed: HashMap<String, BTreeMap<String, SealedBox>>,
 }
 
 /// What submitting a job produced.
@@ -88,7 +196,15 @@ struct Shared {
     signer: SigningKey,
     keyset: std::sync::RwLock<Signed<KeySet>>,
     results: watch::Sender<u64>,
+    live: broadcast::Sender<LiveEvent>,
+    rollouts: Mutex<HashMap<String, Active>>,
 }
+
+/// How often deadlines of rate-controlled jobs are checked.
+const TICK: Duration = Duration::from_millis(250);
+
+/// Live events kept for slow followers before they skip ahead.
+const LIVE_BACKLOG: usize = 4096;
 
 /// The control plane handle; clones share state.
 #[derive(Clone)]
@@ -159,6 +275,7 @@ impl ControlPlane {
         incoming: mpsc::Receiver<Incoming>,
     ) -> (ControlPlane, tokio::task::JoinHandle<()>) {
         let (results, _) = watch::channel(0);
+        let (live, _) = broadcast::channel(LIVE_BACKLOG);
         let cp = ControlPlane {
             shared: Arc::new(Shared {
                 store,
@@ -166,10 +283,323 @@ impl ControlPlane {
                 signer,
                 keyset: std::sync::RwLock::new(keyset),
                 results,
+                live,
+                rollouts: Mutex::new(HashMap::new()),
             }),
         };
-        let task = tokio::spawn(cp.clone().handle_incoming(incoming));
+        if let Err(e) = cp.restore_rollouts() {
+            tracing::error!(error = %format!("{e:#}"), "could not resume rate-controlled jobs");
+        }
+        let ticker = {
+            let cp = cp.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(TICK);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    cp.tick_rollouts().await;
+                }
+            })
+        };
+        let cp2 = cp.clone();
+        let task = tokio::spawn(async move {
+            cp2.handle_incoming(incoming).await;
+            ticker.abort();
+        });
         (cp, task)
+    }
+
+    /// Live output and state changes of every job, for followers.
+    pub fn live(&self) -> broadcast::Receiver<LiveEvent> {
+        self.shared.live.subscribe()
+    }
+
+    fn emit(&self, job_id: &str, agent_id: &str, what: LiveWhat) {
+        // No followers is fine: live events are a view, the store is the record.
+        let _ = self.shared.live.send(LiveEvent {
+            job_id: job_id.to_string(),
+            agent_id: agent_id.to_string(),
+            what,
+        });
+    }
+
+    fn rollouts(&self) -> std::sync::MutexGuard<'_, HashMap<String, Active>> {
+        self.shared
+            .rollouts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Picks up rate-controlled jobs a previous run of the server left unfinished.
+    fn restore_rollouts(&self) -> anyhow::Result<()> {
+        let store = &self.shared.store;
+        let online: HashMap<String, bool> = store
+            .agents()?
+            .into_iter()
+            .map(|a| (a.id, a.online && a.deregistered_ms.is_none()))
+            .collect();
+        let now = now_ms();
+        for row in store.active_rollouts()? {
+            let Some(job) = store.job(&row.job_id)? else {
+                continue;
+            };
+            let Some(plugin) = store.plugin(&job.plugin, Some(job.version))? else {
+                tracing::warn!(job.id = %job.id, plugin = %job.plugin, "plugin of a rate-controlled job is gone");
+                continue;
+            };
+            let mut restored = Vec::new();
+            for t in store.targets(&job.id)? {
+                let mut state = if t.result.is_some() && !t.state.is_final() {
+                    crate::rollout::state_of(t.result.as_ref().expect("checked")).0
+                } else {
+                    t.state
+                };
+                // Secret values are not kept: targets not yet sent cannot get them now.
+                if state == TargetState::Pending && !row.spec.secret_names.is_empty() {
+                    let why = "the job has secret parameters, which are not kept across a server restart; run it again";
+                    store.settle(&job.id, &t.agent_id, TargetState::Failed, why, now)?;
+                    state = TargetState::Failed;
+                }
+                restored.push(Restored {
+                    online: online.get(&t.agent_id).copied().unwrap_or(false),
+                    since_ms: t.started_ms.or(t.dispatched_ms).unwrap_or(row.created_ms),
+                    agent: t.agent_id,
+                    state,
+                });
+            }
+            let rollout = Rollout::restore(
+                row.spec.policy,
+                row.created_ms,
+                restored,
+                row.cancelled_ms.is_some(),
+            );
+            tracing::info!(job.id = %job.id, in_flight = rollout.in_flight(), "resuming rate-controlled job");
+            self.rollouts().insert(
+                job.id.clone(),
+                Active {
+                    rollout,
+                    manifest: plugin.manifest,
+                    input: job.input,
+                    limits: row.spec.limits,
+                    expires_ms: job.expires_ms,
+                    plain: row.spec.parameters,
+                    sealed: HashMap::new(),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Applies deadlines to every rate-controlled job, and starts what they allow.
+    async fn tick_rollouts(&self) {
+        let now = now_ms();
+        let work: Vec<(String, Vec<Action>)> = self
+            .rollouts()
+            .iter_mut()
+            .map(|(id, a)| (id.clone(), a.rollout.tick(now)))
+            .filter(|(_, a)| !a.is_empty())
+            .collect();
+        for (job, actions) in work {
+            self.apply(&job, actions).await;
+        }
+        let done: Vec<String> = self
+            .rollouts()
+            .iter()
+            .filter(|(_, a)| a.rollout.is_done())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for job in done {
+            self.finish_rollout(&job);
+        }
+    }
+
+    fn finish_rollout(&self, job: &str) {
+        let Some(a) = self.rollouts().remove(job) else {
+            return;
+        };
+        if let Err(e) = self.shared.store.finish_rollout(job, now_ms()) {
+            tracing::warn!(job.id = %job, error = %e, "could not record a finished job");
+        }
+        tracing::info!(job.id = %job, peak_in_flight = a.rollout.peak_in_flight(), max_concurrency = a.rollout.max_concurrency(), stopped_by_errors = a.rollout.stopped_by_errors(), "rate-controlled job finished");
+    }
+
+    /// Carries out what a rollout decided.
+    async fn apply(&self, job: &str, actions: Vec<Action>) {
+        let mut settled = false;
+        for action in actions {
+            match action {
+                Action::Dispatch(agent) => {
+                    if let Err(e) = self.dispatch(job, &agent).await {
+                        let why = format!("the job could not be sent: {e:#}");
+                        tracing::error!(job.id = %job, agent.id = %agent, "{why}");
+                        self.settle(job, &agent, TargetState::Failed, &why);
+                        settled = true;
+                    }
+                }
+                Action::Cancel(agent) => self.send_cancel(job, &agent).await,
+                Action::Settle(agent, state, why) => {
+                    self.settle(job, &agent, state, &why);
+                    settled = true;
+                }
+            }
+        }
+        if settled {
+            self.shared.results.send_modify(|n| *n += 1);
+        }
+    }
+
+    fn settle(&self, job: &str, agent: &str, state: TargetState, why: &str) {
+        tracing::info!(job.id = %job, agent.id = %agent, state = state.as_str(), "{why}");
+        if let Err(e) = self.shared.store.settle(job, agent, state, why, now_ms()) {
+            tracing::error!(job.id = %job, agent.id = %agent, error = %e, "could not record a target's state");
+        }
+        {
+            let mut r = self.rollouts();
+            if let Some(a) = r.get_mut(job) {
+                // In line with the store; what follows from it waits for the next tick.
+                a.rollout.mark(agent, state);
+            }
+        }
+        self.emit(
+            job,
+            agent,
+            LiveWhat::State {
+                state,
+                detail: Some(why.to_string()),
+            },
+        );
+    }
+
+    /// Signs and sends one target's envelope of a rate-controlled job.
+    async fn dispatch(&self, job: &str, agent: &str) -> anyhow::Result<()> {
+        let env = {
+            let r = self.rollouts();
+            let a = r
+                .get(job)
+                .ok_or_else(|| anyhow::anyhow!("job {job} is no longer active"))?;
+            let mut parameters: BTreeMap<String, Parameter> = a
+                .plain
+                .iter()
+                .map(|(k, v)| (k.clone(), Parameter::Plain { value: v.clone() }))
+                .collect();
+            if let Some(sealed) = a.sealed.get(agent) {
+                for (k, v) in sealed {
+                    parameters.insert(k.clone(), Parameter::Secret { sealed: v.clone() });
+                }
+            }
+            JobEnvelope {
+                job_id: job.to_string(),
+                agent_id: agent.to_string(),
+                attempt: 1,
+                plugin: a.manifest.clone(),
+                input: a.input.clone(),
+                parameters,
+                limits: a.limits,
+                not_before_ms: now_ms(),
+                expires_at_ms: a.expires_ms,
+            }
+        };
+        self.send_envelope(&env).await
+    }
+
+    /// Records a target as sent, then signs and publishes its envelope.
+    async fn send_envelope(&self, env: &JobEnvelope) -> anyhow::Result<()> {
+        let signed = Signed::sign(env, &self.shared.signer);
+        let body = serde_json::to_vec(&signed)?;
+        // Recorded before it goes out: the agent may answer before `publish` returns.
+        self.shared
+            .store
+            .mark_sent(&env.job_id, &env.agent_id, now_ms())?;
+        self.shared
+            .link
+            .publish(topics::down(&env.agent_id, Down::Job), body, false)
+            .await?;
+        self.emit(
+            &env.job_id,
+            &env.agent_id,
+            LiveWhat::State {
+                state: TargetState::Delivered,
+                detail: None,
+            },
+        );
+        Ok(())
+    }
+
+    async fn send_cancel(&self, job: &str, agent: &str) {
+        let req = CancelRequest {
+            job_id: job.to_string(),
+            agent_id: agent.to_string(),
+            at_ms: now_ms(),
+        };
+        let body = serde_json::to_vec(&Signed::sign(&req, &self.shared.signer))
+            .expect("cancel requests serialise");
+        match self
+            .shared
+            .link
+            .publish(topics::down(agent, Down::Cancel), body, false)
+            .await
+        {
+            Ok(()) => tracing::info!(job.id = %job, agent.id = %agent, "cancel request sent"),
+            Err(e) => {
+                tracing::warn!(job.id = %job, agent.id = %agent, error = %e, "could not send cancel request")
+            }
+        }
+    }
+
+    /// Cancels a job: targets not sent yet never will be, and agents running it are asked
+    /// to stop, killing what it started. Their results say `cancelled`.
+    pub async fn cancel(&self, job_id: &str) -> Result<CancelOutcome, ControlError> {
+        let store = &self.shared.store;
+        if store.job(job_id)?.is_none() {
+            return Err(ControlError::NotFound(format!("no job {job_id}")));
+        }
+        let now = now_ms();
+        let actions = self
+            .rollouts()
+            .get_mut(job_id)
+            .map(|a| a.rollout.cancel(now));
+        let actions = match actions {
+            Some(a) => {
+                store.cancel_rollout(job_id, now)?;
+                a
+            }
+            // Not rate-controlled (or already done): every target without a final state
+            // is in flight.
+            None => store
+                .targets(job_id)?
+                .into_iter()
+                .filter(|t| !t.is_done())
+                .map(|t| Action::Cancel(t.agent_id))
+                .collect(),
+        };
+        let outcome = CancelOutcome {
+            job_id: job_id.to_string(),
+            not_started: actions
+                .iter()
+                .filter(|a| matches!(a, Action::Settle(..)))
+                .count(),
+            stop_requests: actions
+                .iter()
+                .filter(|a| matches!(a, Action::Cancel(_)))
+                .count(),
+        };
+        self.apply(job_id, actions).await;
+        Ok(outcome)
+    }
+
+    /// Tells rate-controlled jobs that an agent came online or went offline.
+    async fn agent_online(&self, agent: &str, online: bool) {
+        let now = now_ms();
+        let work: Vec<(String, Vec<Action>)> = self
+            .rollouts()
+            .iter_mut()
+            .filter(|(_, a)| a.rollout.has(agent))
+            .map(|(id, a)| (id.clone(), a.rollout.set_online(agent, online, now)))
+            .filter(|(_, a)| !a.is_empty())
+            .collect();
+        for (job, actions) in work {
+            self.apply(&job, actions).await;
+        }
     }
 
     /// Changes whenever a result is stored.
@@ -281,6 +711,98 @@ impl ControlPlane {
             }
         }
         store.create_job(&job, &agents)?;
+        if let Some(rate) = &req.rate {
+            let policy = RatePolicy {
+                max_concurrency: rate
+                    .max_concurrency
+                    .as_deref()
+                    .map(Amount::parse)
+                    .transpose()
+                    .map_err(ControlError::BadRequest)?,
+                max_errors: rate
+                    .max_errors
+                    .as_deref()
+                    .map(Amount::parse)
+                    .transpose()
+                    .map_err(ControlError::BadRequest)?,
+                ramp: rate
+                    .ramp
+                    .as_deref()
+                    .map(Ramp::parse)
+                    .transpose()
+                    .map_err(ControlError::BadRequest)?
+                    .unwrap_or_default(),
+                delivery_timeout_ms: delivery * 1000,
+                run_timeout_ms: limits.timeout_ms,
+            };
+            if policy.max_concurrency == Some(Amount::Count(0))
+                || policy.max_concurrency == Some(Amount::Percent(0))
+            {
+                return Err(ControlError::BadRequest(
+                    "max-concurrency must be at least 1".into(),
+                ));
+            }
+            let spec = RolloutSpec {
+                policy,
+                limits,
+                parameters: req.parameters.clone(),
+                secret_names: req.secrets.keys().cloned().collect(),
+            };
+            store.create_rollout(&RolloutRow {
+                job_id: job.id.clone(),
+                spec: spec.clone(),
+                created_ms: now,
+                cancelled_ms: None,
+                done_ms: None,
+            })?;
+            let online: HashMap<String, bool> = store
+                .agents()?
+                .into_iter()
+                .map(|a| (a.id, a.online))
+                .collect();
+            let mut sealed = HashMap::new();
+            for agent in &agents {
+                let mut mine = BTreeMap::new();
+                for (name, value) in &req.secrets {
+                    let aad = drover_protocol::secret::parameter_aad(&job.id, name);
+                    mine.insert(
+                        name.clone(),
+                        drover_protocol::secret::seal(&sealing[agent], &aad, value.as_bytes()),
+                    );
+                }
+                sealed.insert(agent.clone(), mine);
+            }
+            let mut rollout = Rollout::new(policy, now, &agents, |a| {
+                online.get(a).copied().unwrap_or(false)
+            });
+            let actions = rollout.start(now);
+            self.rollouts().insert(
+                job.id.clone(),
+                Active {
+                    rollout,
+                    manifest: plugin.manifest.clone(),
+                    input: job.input.clone(),
+                    limits,
+                    expires_ms: job.expires_ms,
+                    plain: req.parameters.clone(),
+                    sealed,
+                },
+            );
+            tracing::info!(
+                job.id = %job.id,
+                plugin = %plugin.name,
+                targets = agents.len(),
+                max_concurrency = ?policy.max_concurrency,
+                max_errors = ?policy.max_errors,
+                "rate-controlled job created"
+            );
+            self.apply(&job.id, actions).await;
+            return Ok(JobCreated {
+                job_id: job.id,
+                version: plugin.version,
+                agents,
+            });
+        }
         for agent in &agents {
             let mut parameters: std::collections::BTreeMap<String, Parameter> = req
                 .parameters
@@ -303,14 +825,7 @@ impl ControlPlane {
                 not_before_ms: now,
                 expires_at_ms: job.expires_ms,
             };
-            let signed = Signed::sign(&env, &self.shared.signer);
-            let body = serde_json::to_vec(&signed).map_err(anyhow::Error::from)?;
-            self.shared
-                .link
-                .publish(topics::down(agent, Down::Job), body, false)
-                .await
-                .map_err(anyhow::Error::from)?;
-            store.mark_sent(&job.id, agent, now_ms())?;
+            self.send_envelope(&env).await?;
         }
         tracing::info!(
             job.id = %job.id,
@@ -361,6 +876,7 @@ impl ControlPlane {
                 let online = p == Presence::Online;
                 store.set_online(agent, online, now)?;
                 tracing::info!(agent.id = %agent, online, "agent presence");
+                self.agent_online(agent, online).await;
             }
             Up::Hello => {
                 let hello: Hello = self.verify_from(agent, payload)?;
@@ -376,6 +892,7 @@ impl ControlPlane {
                     self.send_keyset(agent).await;
                 }
                 tracing::info!(agent.id = %agent, hostname = %hello.hostname, version = %hello.agent_version, "agent announced");
+                self.agent_online(agent, true).await;
             }
             Up::Heartbeat => {
                 let hb: Heartbeat = self.verify_from(agent, payload)?;
@@ -412,8 +929,28 @@ impl ControlPlane {
                             &detail,
                             now,
                         )?;
-                        self.shared.results.send_modify(|n| *n += 1);
                         self.ack(agent, &result).await;
+                        let (state, detail) = crate::rollout::state_of(&result);
+                        let actions = self
+                            .rollouts()
+                            .get_mut(&result.job_id)
+                            .map(|a| a.rollout.finished(agent, state, now));
+                        self.emit(
+                            &result.job_id,
+                            agent,
+                            LiveWhat::State { state, detail },
+                        );
+                        if let Some(actions) = actions {
+                            self.apply(&result.job_id, actions).await;
+                            let done = self
+                                .rollouts()
+                                .get(&result.job_id)
+                                .is_some_and(|a| a.rollout.is_done());
+                            if done {
+                                self.finish_rollout(&result.job_id);
+                            }
+                        }
+                        self.shared.results.send_modify(|n| *n += 1);
                     }
                     Recorded::Duplicate => {
                         tracing::debug!(agent.id = %agent, job.id = %result.job_id, "duplicate result ignored");
@@ -434,7 +971,38 @@ impl ControlPlane {
                 }
             }
             Up::Progress => {
-                let _p: drover_protocol::job::Progress = self.verify_from(agent, payload)?;
+                let p: Progress = self.verify_from(agent, payload)?;
+                anyhow::ensure!(
+                    p.agent_id == agent,
+                    "progress on agent {agent}'s topic claims to be from {:?}",
+                    p.agent_id
+                );
+                match p.event {
+                    ProgressEvent::Started => {
+                        if store.mark_started(&p.job_id, agent, now)? {
+                            if let Some(a) = self.rollouts().get_mut(&p.job_id) {
+                                a.rollout.started(agent, now);
+                            }
+                            self.emit(
+                                &p.job_id,
+                                agent,
+                                LiveWhat::State {
+                                    state: TargetState::InProgress,
+                                    detail: None,
+                                },
+                            );
+                        }
+                    }
+                    ProgressEvent::Output { stream, text } => self.emit(
+                        &p.job_id,
+                        agent,
+                        LiveWhat::Output {
+                            stream,
+                            text,
+                            seq: p.seq,
+                        },
+                    ),
+                }
             }
             Up::Fetch => {
                 let req: FetchRequest = serde_json::from_slice(payload)?;

@@ -14,6 +14,8 @@ use drover_protocol::signed::Signed;
 use rusqlite::{Connection, OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
 
+use crate::rollout::TargetState;
+
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS agents (
     id TEXT PRIMARY KEY,
@@ -68,6 +70,13 @@ CREATE TABLE IF NOT EXISTS job_targets (
     result TEXT,
     updated_ms INTEGER NOT NULL,
     PRIMARY KEY (job_id, agent_id)
+);
+CREATE TABLE IF NOT EXISTS rollouts (
+    job_id TEXT PRIMARY KEY REFERENCES jobs(id),
+    spec TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    cancelled_ms INTEGER,
+    done_ms INTEGER
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -181,18 +190,47 @@ pub struct TargetRow {
     pub agent_id: String,
     /// Attempt.
     pub attempt: u32,
-    /// `pending`, `sent`, `succeeded`, `failed`, `rejected`.
+    /// The result's status: `pending`, `sent`, `succeeded`, `failed`, `rejected`.
     pub status: String,
+    /// Where the target is: see [`TargetState`].
+    pub state: TargetState,
+    /// Why the server settled it (undeliverable, timed out, cancelled), or how it failed.
+    #[serde(default)]
+    pub detail: Option<String>,
     /// The result, once in.
     pub result: Option<JobResult>,
     /// Last change, Unix ms.
     pub updated_ms: u64,
+    /// When its envelope was sent, Unix ms.
+    #[serde(default)]
+    pub dispatched_ms: Option<u64>,
+    /// When the agent said it started, Unix ms (the server's clock).
+    #[serde(default)]
+    pub started_ms: Option<u64>,
+    /// When it reached a final state, Unix ms (the server's clock).
+    #[serde(default)]
+    pub finished_ms: Option<u64>,
+}
+
+/// A rate-controlled job, as stored so that a restarted server carries on with it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutRow {
+    /// The job.
+    pub job_id: String,
+    /// What the control plane needs to send envelopes later.
+    pub spec: crate::control::RolloutSpec,
+    /// Created, Unix ms.
+    pub created_ms: u64,
+    /// Cancelled, Unix ms.
+    pub cancelled_ms: Option<u64>,
+    /// Every target final, Unix ms.
+    pub done_ms: Option<u64>,
 }
 
 impl TargetRow {
-    /// Whether a result is in.
+    /// Whether a result is in, or the server settled the target for good.
     pub fn is_done(&self) -> bool {
-        self.result.is_some()
+        self.result.is_some() || self.state.is_final()
     }
 }
 
@@ -324,6 +362,46 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Columns added after the first release, added to older databases in place.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("job_targets", "state", "TEXT NOT NULL DEFAULT 'pending'"),
+    ("job_targets", "detail", "TEXT"),
+    ("job_targets", "dispatched_ms", "INTEGER"),
+    ("job_targets", "started_ms", "INTEGER"),
+    ("job_targets", "finished_ms", "INTEGER"),
+];
+
+fn migrate(conn: &Connection) -> anyhow::Result<()> {
+    for (table, column, decl) in ADDED_COLUMNS {
+        let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+        let present = stmt
+            .query_map([], |r| r.get::<_, String>(1))?
+            .collect::<Result<Vec<_>, _>>()?
+            .iter()
+            .any(|c| c == column);
+        if !present {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+    Ok(JobRow {
+        id: r.get(0)?,
+        plugin: r.get(1)?,
+        version: r.get::<_, i64>(2)? as u64,
+        targets: r.get(3)?,
+        input: serde_json::from_str(&r.get::<_, String>(4)?).unwrap_or(serde_json::Value::Null),
+        created_ms: r.get::<_, i64>(5)? as u64,
+        expires_ms: r.get::<_, i64>(6)? as u64,
+    })
+}
+
+fn opt_u64(v: Option<i64>) -> Option<u64> {
+    v.map(|v| v.max(0) as u64)
+}
+
 fn to_i64(v: u64) -> i64 {
     v.min(i64::MAX as u64) as i64
 }
@@ -337,6 +415,7 @@ impl Store {
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
         )?;
         conn.execute_batch(SCHEMA).context("creating schema")?;
+        migrate(&conn).context("upgrading the schema")?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -668,10 +747,132 @@ impl Store {
     /// Marks a target's envelope as sent.
     pub fn mark_sent(&self, job_id: &str, agent_id: &str, now: u64) -> anyhow::Result<()> {
         self.conn().execute(
-            "UPDATE job_targets SET status = 'sent', updated_ms = ?3 WHERE job_id = ?1 AND agent_id = ?2 AND status = 'pending'",
+            "UPDATE job_targets SET status = 'sent', state = 'delivered', dispatched_ms = ?3, updated_ms = ?3 WHERE job_id = ?1 AND agent_id = ?2 AND status = 'pending'",
             params![job_id, agent_id, to_i64(now)],
         )?;
         Ok(())
+    }
+
+    /// Records that the agent started a target.
+    pub fn mark_started(&self, job_id: &str, agent_id: &str, now: u64) -> anyhow::Result<bool> {
+        let n = self.conn().execute(
+            "UPDATE job_targets SET state = 'in_progress', started_ms = ?3, updated_ms = ?3 WHERE job_id = ?1 AND agent_id = ?2 AND state IN ('pending', 'delivered')",
+            params![job_id, agent_id, to_i64(now)],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Records a final state the server decided for a target that has no result.
+    pub fn settle(
+        &self,
+        job_id: &str,
+        agent_id: &str,
+        state: TargetState,
+        detail: &str,
+        now: u64,
+    ) -> anyhow::Result<()> {
+        self.conn().execute(
+            "UPDATE job_targets SET state = ?3, detail = ?4, finished_ms = ?5, updated_ms = ?5 WHERE job_id = ?1 AND agent_id = ?2 AND result IS NULL",
+            params![job_id, agent_id, state.as_str(), detail, to_i64(now)],
+        )?;
+        Ok(())
+    }
+
+    /// Stores a rate-controlled job's settings.
+    pub fn create_rollout(&self, r: &RolloutRow) -> anyhow::Result<()> {
+        self.conn().execute(
+            "INSERT INTO rollouts (job_id, spec, created_ms) VALUES (?1, ?2, ?3)",
+            params![r.job_id, serde_json::to_string(&r.spec)?, to_i64(r.created_ms)],
+        )?;
+        Ok(())
+    }
+
+    /// Rate-controlled jobs not yet done.
+    pub fn active_rollouts(&self) -> anyhow::Result<Vec<RolloutRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT job_id, spec, created_ms, cancelled_ms, done_ms FROM rollouts WHERE done_ms IS NULL ORDER BY created_ms",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+                r.get::<_, Option<i64>>(4)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (job_id, spec, created, cancelled, done) = row?;
+            let spec = serde_json::from_str(&spec)
+                .with_context(|| format!("rollout {job_id} has an unreadable spec"))?;
+            out.push(RolloutRow {
+                job_id,
+                spec,
+                created_ms: created as u64,
+                cancelled_ms: opt_u64(cancelled),
+                done_ms: opt_u64(done),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Whether a job is rate-controlled, and if so its row.
+    pub fn rollout(&self, job_id: &str) -> anyhow::Result<Option<RolloutRow>> {
+        let row = self
+            .conn()
+            .query_row(
+                "SELECT spec, created_ms, cancelled_ms, done_ms FROM rollouts WHERE job_id = ?1",
+                params![job_id],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, Option<i64>>(2)?,
+                        r.get::<_, Option<i64>>(3)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((spec, created, cancelled, done)) = row else {
+            return Ok(None);
+        };
+        Ok(Some(RolloutRow {
+            job_id: job_id.to_string(),
+            spec: serde_json::from_str(&spec)?,
+            created_ms: created as u64,
+            cancelled_ms: opt_u64(cancelled),
+            done_ms: opt_u64(done),
+        }))
+    }
+
+    /// Marks a rate-controlled job cancelled.
+    pub fn cancel_rollout(&self, job_id: &str, now: u64) -> anyhow::Result<()> {
+        self.conn().execute(
+            "UPDATE rollouts SET cancelled_ms = ?2 WHERE job_id = ?1 AND cancelled_ms IS NULL",
+            params![job_id, to_i64(now)],
+        )?;
+        Ok(())
+    }
+
+    /// Marks a rate-controlled job done.
+    pub fn finish_rollout(&self, job_id: &str, now: u64) -> anyhow::Result<()> {
+        self.conn().execute(
+            "UPDATE rollouts SET done_ms = ?2 WHERE job_id = ?1 AND done_ms IS NULL",
+            params![job_id, to_i64(now)],
+        )?;
+        Ok(())
+    }
+
+    /// Recent jobs, newest first.
+    pub fn jobs(&self, limit: u32) -> anyhow::Result<Vec<JobRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, plugin, version, targets, input, created_ms, expires_ms FROM jobs ORDER BY created_ms DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![limit], job_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Records a result, at most once per (agent, job, attempt).
@@ -689,14 +890,17 @@ impl Store {
             Some((attempt, _)) if attempt != r.attempt => Ok(Recorded::NoTarget),
             Some((_, Some(_))) => Ok(Recorded::Duplicate),
             Some((_, None)) => {
+                let (state, detail) = crate::rollout::state_of(r);
                 conn.execute(
-                    "UPDATE job_targets SET status = ?3, result = ?4, updated_ms = ?5 WHERE job_id = ?1 AND agent_id = ?2 AND result IS NULL",
+                    "UPDATE job_targets SET status = ?3, result = ?4, updated_ms = ?5, state = ?6, detail = ?7, finished_ms = ?5 WHERE job_id = ?1 AND agent_id = ?2 AND result IS NULL",
                     params![
                         r.job_id,
                         r.agent_id,
                         r.status.as_str(),
                         serde_json::to_string(r)?,
-                        to_i64(now)
+                        to_i64(now),
+                        state.as_str(),
+                        detail
                     ],
                 )?;
                 Ok(Recorded::Stored)
@@ -711,18 +915,7 @@ impl Store {
             .query_row(
                 "SELECT id, plugin, version, targets, input, created_ms, expires_ms FROM jobs WHERE id = ?1",
                 params![id],
-                |r| {
-                    Ok(JobRow {
-                        id: r.get(0)?,
-                        plugin: r.get(1)?,
-                        version: r.get::<_, i64>(2)? as u64,
-                        targets: r.get(3)?,
-                        input: serde_json::from_str(&r.get::<_, String>(4)?)
-                            .unwrap_or(serde_json::Value::Null),
-                        created_ms: r.get::<_, i64>(5)? as u64,
-                        expires_ms: r.get::<_, i64>(6)? as u64,
-                    })
-                },
+                job_row,
             )
             .optional()?)
     }
@@ -731,16 +924,22 @@ impl Store {
     pub fn targets(&self, job_id: &str) -> anyhow::Result<Vec<TargetRow>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT agent_id, attempt, status, result, updated_ms FROM job_targets WHERE job_id = ?1 ORDER BY agent_id",
+            "SELECT agent_id, attempt, status, result, updated_ms, state, detail, dispatched_ms, started_ms, finished_ms FROM job_targets WHERE job_id = ?1 ORDER BY agent_id",
         )?;
         let rows = stmt.query_map(params![job_id], |r| {
             let result: Option<String> = r.get(3)?;
+            let state: String = r.get(5)?;
             Ok(TargetRow {
                 agent_id: r.get(0)?,
                 attempt: r.get(1)?,
                 status: r.get(2)?,
+                state: TargetState::parse(&state).unwrap_or(TargetState::Pending),
+                detail: r.get(6)?,
                 result: result.and_then(|t| serde_json::from_str(&t).ok()),
                 updated_ms: r.get::<_, i64>(4)? as u64,
+                dispatched_ms: opt_u64(r.get(7)?),
+                started_ms: opt_u64(r.get(8)?),
+                finished_ms: opt_u64(r.get(9)?),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

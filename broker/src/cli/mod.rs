@@ -15,6 +15,7 @@ mod broker;
 mod keygen;
 mod keyset;
 mod plugin;
+mod command;
 mod run;
 mod serve;
 
@@ -76,9 +77,15 @@ pub enum Command {
     },
     /// Run a plugin on agents and print each result as it arrives.
     Run(run::RunArgs),
-    /// Show a job and its results.
+    /// Show, cancel or list jobs.
     #[command(subcommand)]
     Job(run::JobCommand),
+    /// Run a command or shell script across agents, with rate control, timeouts,
+    /// cancellation and full output.
+    RunCommand(command::RunCommandArgs),
+    /// Show, cancel or list commands.
+    #[command(subcommand)]
+    Command(command::CommandCmd),
     /// Configure an external broker like the embedded one: logins and topic ACLs.
     #[command(subcommand)]
     Broker(broker::BrokerCommand),
@@ -121,6 +128,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Run(a) => run::run(&ctx, a),
         Command::Job(c) => run::job(&ctx, c),
+        Command::RunCommand(a) => command::run_command(&ctx, a),
+        Command::Command(c) => command::command(&ctx, c),
         Command::Broker(c) => broker::run(&ctx, c),
     }
 }

@@ -55,6 +55,44 @@ pub struct RunArgs {
     /// Print the job id and exit without waiting.
     #[arg(long)]
     no_wait: bool,
+    #[command(flatten)]
+    rate: RateArgs,
+}
+
+/// Rate-control flags, shared by `run` and `run-command`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RateArgs {
+    /// Most targets in flight at once: a count, or a percentage of the targets such as
+    /// 10%. All at once by default.
+    #[arg(long, value_parser = parse_amount)]
+    pub max_concurrency: Option<String>,
+    /// Errors (failed, timed out, undeliverable) tolerated before no new target starts:
+    /// a count or a percentage. No limit by default.
+    #[arg(long, value_parser = parse_amount)]
+    pub max_errors: Option<String>,
+    /// `exponential`: one target first, then doubling up to --max-concurrency.
+    #[arg(long, value_parser = ["none", "exponential"])]
+    pub ramp: Option<String>,
+}
+
+impl RateArgs {
+    /// Whether any flag was given.
+    pub fn given(&self) -> bool {
+        self.max_concurrency.is_some() || self.max_errors.is_some() || self.ramp.is_some()
+    }
+
+    /// As the API takes it.
+    pub fn request(&self) -> crate::control::RateRequest {
+        crate::control::RateRequest {
+            max_concurrency: self.max_concurrency.clone(),
+            max_errors: self.max_errors.clone(),
+            ramp: self.ramp.clone(),
+        }
+    }
+}
+
+fn parse_amount(s: &str) -> Result<String, String> {
+    crate::rollout::Amount::parse(s).map(|a| a.to_string())
 }
 
 /// Job commands.
@@ -64,6 +102,17 @@ pub enum JobCommand {
     Show {
         /// The job id.
         id: String,
+    },
+    /// Cancel a job: targets not started never will be, running ones are stopped.
+    Cancel {
+        /// The job id.
+        id: String,
+    },
+    /// List recent jobs with their state counts.
+    List {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
     },
 }
 
@@ -95,6 +144,7 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> anyhow::Result<i32> {
                     None => Ok((k, v)),
                 })
                 .collect::<anyhow::Result<_>>()?,
+            rate: a.rate.given().then(|| a.rate.request()),
         },
     )?;
     if ctx.output == Output::Text {
@@ -259,7 +309,11 @@ fn print_result(output: Output, r: &JobResult) -> anyhow::Result<()> {
 }
 
 pub fn job(ctx: &Ctx, cmd: JobCommand) -> anyhow::Result<i32> {
-    let JobCommand::Show { id } = cmd;
+    let id = match cmd {
+        JobCommand::Show { id } => id,
+        JobCommand::Cancel { id } => return super::command::cancel(ctx, &id),
+        JobCommand::List { limit } => return super::command::list(ctx, limit),
+    };
     let view: JobView = ctx
         .client()?
         .get("job status", &format!("/api/v1/jobs/{id}"))?;
@@ -280,10 +334,16 @@ pub fn job(ctx: &Ctx, cmd: JobCommand) -> anyhow::Result<i32> {
         s.rejected,
         s.waiting
     );
+    println!("states: {}", super::command::counts_line(&view));
     for t in &view.targets {
         match &t.result {
             Some(r) => print_result(Output::Text, r)?,
-            None => println!("{:<20} {:<9}", t.agent_id, t.status),
+            None => println!(
+                "{:<20} {:<13} {}",
+                t.agent_id,
+                t.state.as_str(),
+                t.detail.as_deref().unwrap_or("")
+            ),
         }
     }
     Ok(0)

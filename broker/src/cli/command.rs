@@ -1,0 +1,484 @@
+//! `drover run-command` and `drover command show|cancel|list`.
+
+use std::collections::{BTreeSet, HashSet};
+use std::time::{Duration, Instant};
+
+use super::run::{EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, RateArgs};
+use super::{Ctx, Output, parse_duration, parse_tag, print_json};
+use crate::api::{JobSummary, JobView};
+use crate::command::{CommandOutput, CommandRequest, Stream};
+use crate::control::{CancelOutcome, JobCreated, LiveEvent, LiveWhat};
+use crate::rollout::TargetState;
+use crate::store::TargetRow;
+
+/// Flags of `drover run-command`.
+#[derive(Debug, clap::Args)]
+pub struct RunCommandArgs {
+    /// `all`, `tag:KEY=VALUE`, or comma-separated agent ids.
+    #[arg(long, short)]
+    targets: String,
+    /// A shell script to run instead of a program and its arguments.
+    #[arg(long)]
+    script: Option<String>,
+    /// The shell for --script.
+    #[arg(long, requires = "script")]
+    shell: Option<String>,
+    /// The working directory on each agent.
+    #[arg(long)]
+    cwd: Option<String>,
+    /// An environment variable KEY=VALUE for the command; repeatable.
+    #[arg(long = "env", value_parser = parse_tag)]
+    env: Vec<(String, String)>,
+    /// Run as this user (the agent must run as root and allow it in `[policy] run_as`).
+    #[arg(long)]
+    run_as: Option<String>,
+    /// The command's deadline on each agent; its whole process tree is killed then.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    timeout: Duration,
+    /// How long offline agents may still receive the command; after that they are
+    /// undeliverable.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    delivery_timeout: Duration,
+    /// The cap on each of stdout and stderr per target, such as 1MiB or 64KiB. A cut
+    /// is flagged with the byte count.
+    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    output_cap: u64,
+    #[command(flatten)]
+    rate: RateArgs,
+    /// Stream output live as the agents write it.
+    #[arg(long, conflicts_with = "no_wait")]
+    follow: bool,
+    /// Print the command id and exit without waiting.
+    #[arg(long)]
+    no_wait: bool,
+    /// How long to wait for every target; by default the delivery timeout plus the
+    /// command's timeout plus 30 s.
+    #[arg(long, value_parser = parse_duration)]
+    wait: Option<Duration>,
+    /// The command runner plugin.
+    #[arg(long, default_value = crate::command::COMMAND_PLUGIN)]
+    plugin: String,
+    /// The program and its arguments, after `--`.
+    #[arg(last = true)]
+    argv: Vec<String>,
+}
+
+/// `drover command ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum CommandCmd {
+    /// Show a command: state counts, and each target's state and exit code; with
+    /// --agent, that target's full output.
+    Show {
+        /// The command id.
+        id: String,
+        /// Show this agent's full stdout and stderr.
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Cancel a command: targets not started never will be, and running ones are
+    /// stopped with their whole process tree.
+    Cancel {
+        /// The command id.
+        id: String,
+    },
+    /// List recent commands and jobs.
+    List {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+}
+
+/// Parses `1048576`, `64KiB`, `1MiB`, `2M`, `512k`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 1MiB or 64KiB"))?;
+    let mult = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use B, KiB or MiB")),
+    };
+    if n == 0 {
+        return Err("the output cap must be positive".into());
+    }
+    Ok(n * mult)
+}
+
+pub fn run_command(ctx: &Ctx, a: RunCommandArgs) -> anyhow::Result<i32> {
+    if a.script.is_none() && a.argv.is_empty() {
+        anyhow::bail!("give the command after `--`, or a --script");
+    }
+    if a.script.is_some() && !a.argv.is_empty() {
+        anyhow::bail!("give either a command after `--` or a --script, not both");
+    }
+    let client = ctx.client()?;
+    let started = Instant::now();
+    let req = CommandRequest {
+        targets: a.targets.clone(),
+        argv: a.argv.clone(),
+        script: a.script.clone(),
+        shell: a.shell.clone(),
+        cwd: a.cwd.clone(),
+        env: a.env.iter().cloned().collect(),
+        run_as: a.run_as.clone(),
+        timeout_secs: Some(a.timeout.as_secs().max(1)),
+        delivery_secs: Some(a.delivery_timeout.as_secs().max(1)),
+        output_kib: Some(a.output_cap.div_ceil(1024)),
+        max_concurrency: a.rate.max_concurrency.clone(),
+        max_errors: a.rate.max_errors.clone(),
+        ramp: a.rate.ramp.clone(),
+        plugin: Some(a.plugin.clone()),
+        stream: Some(true),
+    };
+    let created: JobCreated = client.post("run-command", "/api/v1/commands", &req)?;
+    if ctx.output == Output::Text {
+        eprintln!(
+            "command {} : {} target(s){}",
+            created.job_id,
+            created.agents.len(),
+            match (&a.rate.max_concurrency, &a.rate.max_errors) {
+                (None, None) => String::new(),
+                (c, e) => format!(
+                    ", max-concurrency {}, max-errors {}",
+                    c.as_deref().unwrap_or("all"),
+                    e.as_deref().unwrap_or("none")
+                ),
+            }
+        );
+    }
+    if a.no_wait {
+        if ctx.output == Output::Json {
+            print_json(&created)?;
+        } else {
+            println!("{}", created.job_id);
+        }
+        return Ok(EXIT_OK);
+    }
+    let deadline = started
+        + a.wait
+            .unwrap_or(a.delivery_timeout + a.timeout + Duration::from_secs(30));
+
+    // Agents whose output was seen live, so it is not printed twice.
+    let mut streamed: HashSet<String> = HashSet::new();
+    if a.follow {
+        let path = format!("/api/v1/jobs/{}/live", created.job_id);
+        let json = ctx.output == Output::Json;
+        let r = client.stream_lines("follow", &path, |line| {
+            if json {
+                println!("{line}");
+            }
+            let Ok(e) = serde_json::from_str::<LiveEvent>(line) else {
+                return Ok(true);
+            };
+            if !json {
+                print_live(&e, &mut streamed);
+            }
+            Ok(!matches!(e.what, LiveWhat::End) && Instant::now() < deadline)
+        });
+        if let Err(e) = r {
+            eprintln!("live output stopped ({e:#}); waiting for the results");
+        }
+    }
+
+    let mut printed: HashSet<String> = HashSet::new();
+    let mut view: JobView;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        view = client.get(
+            "command status",
+            &format!(
+                "/api/v1/jobs/{}?done={}&wait_ms={}",
+                created.job_id,
+                printed.len(),
+                left.as_millis().min(30_000)
+            ),
+        )?;
+        if ctx.output == Output::Text {
+            for t in &view.targets {
+                if t.is_done() && printed.insert(t.agent_id.clone()) {
+                    print_target(t, !streamed.contains(&t.agent_id));
+                }
+            }
+        }
+        if view.finished() == view.targets.len() || Instant::now() >= deadline {
+            break;
+        }
+    }
+    if ctx.output == Output::Json {
+        print_json(&view)?;
+    } else {
+        eprintln!(
+            "{} after {:.1}s: {}",
+            created.job_id,
+            started.elapsed().as_secs_f64(),
+            counts_line(&view)
+        );
+        if view.finished() < view.targets.len() {
+            eprintln!(
+                "still running: see `drover command show {}`",
+                created.job_id
+            );
+        }
+    }
+    Ok(exit_code(&view))
+}
+
+/// 0 when every target succeeded, 1 when some did not, 2 when some are not final.
+fn exit_code(view: &JobView) -> i32 {
+    if view.finished() < view.targets.len() {
+        EXIT_TIMEOUT
+    } else if view
+        .targets
+        .iter()
+        .all(|t| t.state == TargetState::Success)
+    {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    }
+}
+
+/// `3 success, 1 failed, 2 pending`: the states that have targets.
+pub fn counts_line(view: &JobView) -> String {
+    let parts: Vec<String> = TargetState::ALL
+        .iter()
+        .filter_map(|s| {
+            let n = view.counts.get(s.as_str()).copied().unwrap_or(0);
+            (n > 0).then(|| format!("{n} {}", s.as_str()))
+        })
+        .collect();
+    if parts.is_empty() {
+        "no targets".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn print_live(e: &LiveEvent, streamed: &mut HashSet<String>) {
+    match &e.what {
+        LiveWhat::Output { stream, text, .. } => {
+            streamed.insert(e.agent_id.clone());
+            let mark = match stream {
+                drover_protocol::job::StreamName::Stdout => "|",
+                drover_protocol::job::StreamName::Stderr => "!",
+            };
+            for line in text.lines() {
+                println!("{} {mark} {line}", e.agent_id);
+            }
+        }
+        LiveWhat::State { state, detail } => {
+            if !matches!(state, TargetState::Pending) {
+                eprintln!(
+                    "{}: {}{}",
+                    e.agent_id,
+                    state.as_str(),
+                    detail
+                        .as_deref()
+                        .map(|d| format!(" ({d})"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        LiveWhat::Lagged { skipped } => {
+            eprintln!("({skipped} live events skipped; the stored output has everything)")
+        }
+        LiveWhat::End => {}
+    }
+}
+
+/// One line for a target: state, exit code, time, and why.
+fn target_line(t: &TargetRow) -> String {
+    let out = CommandOutput::of(t);
+    let exit = out
+        .as_ref()
+        .map(|o| format!("exit {}", o.exit_code))
+        .unwrap_or_default();
+    let ms = t
+        .result
+        .as_ref()
+        .map(|r| format!("{} ms", r.duration_ms))
+        .unwrap_or_default();
+    let detail = match (&out, &t.detail) {
+        (Some(o), _) if o.exit_code == 0 => String::new(),
+        (_, Some(d)) => d.clone(),
+        _ => String::new(),
+    };
+    format!(
+        "{:<20} {:<13} {:<8} {:>8}  {}",
+        t.agent_id,
+        t.state.as_str(),
+        exit,
+        ms,
+        detail
+    )
+    .trim_end()
+    .to_string()
+}
+
+fn print_stream(name: &str, s: &Stream) {
+    if s.text.is_empty() && s.total_bytes == 0 {
+        return;
+    }
+    println!("  --- {name} ---");
+    for line in s.text.lines() {
+        println!("  {line}");
+    }
+    if s.truncated {
+        println!(
+            "  [{name} truncated: {} bytes written, {} kept]",
+            s.total_bytes,
+            s.text.len()
+        );
+    }
+}
+
+fn print_target(t: &TargetRow, with_output: bool) {
+    println!("{}", target_line(t));
+    if with_output && let Some(o) = CommandOutput::of(t) {
+        print_stream("stdout", &o.stdout);
+        print_stream("stderr", &o.stderr);
+    }
+}
+
+pub fn command(ctx: &Ctx, cmd: CommandCmd) -> anyhow::Result<i32> {
+    match cmd {
+        CommandCmd::Show { id, agent } => show(ctx, &id, agent.as_deref()),
+        CommandCmd::Cancel { id } => cancel(ctx, &id),
+        CommandCmd::List { limit } => list(ctx, limit),
+    }
+}
+
+fn show(ctx: &Ctx, id: &str, agent: Option<&str>) -> anyhow::Result<i32> {
+    let view: JobView = ctx
+        .client()?
+        .get("command status", &format!("/api/v1/jobs/{id}"))?;
+    if ctx.output == Output::Json {
+        match agent {
+            Some(a) => print_json(
+                &view
+                    .targets
+                    .iter()
+                    .find(|t| t.agent_id == a)
+                    .ok_or_else(|| anyhow::anyhow!("agent {a} is not a target of {id}"))?,
+            )?,
+            None => print_json(&view)?,
+        }
+        return Ok(0);
+    }
+    if let Some(a) = agent {
+        let t = view
+            .targets
+            .iter()
+            .find(|t| t.agent_id == a)
+            .ok_or_else(|| anyhow::anyhow!("agent {a} is not a target of {id}"))?;
+        print_target(t, true);
+        return Ok(0);
+    }
+    println!(
+        "command {}  plugin {} v{}  targets {:?}",
+        view.job.id, view.job.plugin, view.job.version, view.job.targets
+    );
+    if let Some(input) = view.job.input.as_object() {
+        if let Some(argv) = input.get("argv") {
+            println!("argv: {argv}");
+        }
+        if let Some(script) = input.get("script").and_then(|s| s.as_str()) {
+            println!("script: {script}");
+        }
+    }
+    if let Some(r) = &view.rollout {
+        let p = &r.spec.policy;
+        println!(
+            "max-concurrency {}  max-errors {}  ramp {:?}{}",
+            p.max_concurrency
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "all".into()),
+            p.max_errors
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "none".into()),
+            p.ramp,
+            if r.cancelled_ms.is_some() {
+                "  (cancelled)"
+            } else {
+                ""
+            }
+        );
+    }
+    println!("{} targets: {}", view.targets.len(), counts_line(&view));
+    for t in &view.targets {
+        let first = CommandOutput::of(t)
+            .and_then(|o| o.stdout.text.lines().next().map(str::to_string))
+            .unwrap_or_default();
+        let line = target_line(t);
+        if first.is_empty() {
+            println!("{line}");
+        } else {
+            println!("{line}  | {first}");
+        }
+    }
+    Ok(0)
+}
+
+pub fn cancel(ctx: &Ctx, id: &str) -> anyhow::Result<i32> {
+    let outcome: CancelOutcome = ctx.client()?.post(
+        "cancel",
+        &format!("/api/v1/jobs/{id}/cancel"),
+        &serde_json::json!({}),
+    )?;
+    if ctx.output == Output::Json {
+        print_json(&outcome)?;
+    } else {
+        println!(
+            "{}: {} target(s) will not start, {} running target(s) asked to stop",
+            outcome.job_id, outcome.not_started, outcome.stop_requests
+        );
+    }
+    Ok(0)
+}
+
+pub fn list(ctx: &Ctx, limit: u32) -> anyhow::Result<i32> {
+    let jobs: Vec<JobSummary> = ctx
+        .client()?
+        .get("jobs", &format!("/api/v1/jobs?limit={limit}"))?;
+    if ctx.output == Output::Json {
+        print_json(&jobs)?;
+        return Ok(0);
+    }
+    for j in &jobs {
+        let states: BTreeSet<String> = j
+            .counts
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(s, n)| format!("{n} {s}"))
+            .collect();
+        println!(
+            "{}  {:<12} {:<20} {}",
+            j.job.id,
+            j.job.plugin,
+            j.job.targets,
+            states.into_iter().collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("512k"), Ok(512 << 10));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("1GiB").is_err());
+        assert!(parse_size("lots").is_err());
+    }
+}
