@@ -1,0 +1,116 @@
+//! Resident memory and CPU time of a process, from `/proc`, and the open-file limit.
+
+use std::time::Instant;
+
+use anyhow::Context as _;
+use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+
+/// One reading of a process.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// Resident set size, bytes (`VmRSS`).
+    pub rss_bytes: u64,
+    /// Peak resident set size, bytes (`VmHWM`).
+    pub peak_rss_bytes: u64,
+    /// User plus system CPU time, seconds.
+    pub cpu_secs: f64,
+    /// When it was read.
+    pub at: Instant,
+}
+
+impl Sample {
+    /// Reads `/proc/PID/status` and `/proc/PID/stat`; `None` means this process.
+    pub fn of(pid: Option<u32>) -> anyhow::Result<Sample> {
+        let dir = match pid {
+            Some(p) => format!("/proc/{p}"),
+            None => "/proc/self".to_string(),
+        };
+        let status = std::fs::read_to_string(format!("{dir}/status"))
+            .with_context(|| format!("reading {dir}/status"))?;
+        let stat = std::fs::read_to_string(format!("{dir}/stat"))
+            .with_context(|| format!("reading {dir}/stat"))?;
+        let kib = |key| status_kib(&status, key).with_context(|| format!("no {key} in {dir}"));
+        let ticks = stat_cpu_ticks(&stat).with_context(|| format!("unreadable {dir}/stat"))?;
+        Ok(Sample {
+            rss_bytes: kib("VmRSS")? * 1024,
+            peak_rss_bytes: kib("VmHWM")? * 1024,
+            cpu_secs: ticks as f64 / rustix::param::clock_ticks_per_second() as f64,
+            at: Instant::now(),
+        })
+    }
+
+    /// CPU used between `earlier` and this sample, as a share of one core (1.0 = 100 %).
+    pub fn cpu_share_since(&self, earlier: &Sample) -> f64 {
+        let wall = self.at.duration_since(earlier.at).as_secs_f64();
+        if wall <= 0.0 {
+            return 0.0;
+        }
+        (self.cpu_secs - earlier.cpu_secs).max(0.0) / wall
+    }
+}
+
+/// A `Key:   123 kB` line of `/proc/PID/status`, in KiB.
+pub fn status_kib(status: &str, key: &str) -> Option<u64> {
+    status.lines().find_map(|l| {
+        let rest = l.strip_prefix(key)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// utime + stime, in clock ticks, from `/proc/PID/stat`. The command name (field 2)
+/// may hold spaces and parentheses, so fields are counted after its last `)`.
+pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state is field 3, utime field 14, stime field 15.
+    let utime: u64 = fields.get(14 - 3)?.parse().ok()?;
+    let stime: u64 = fields.get(15 - 3)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Raises this process's soft `RLIMIT_NOFILE` to its hard limit; returns the new soft
+/// limit (`None`: unlimited).
+pub fn raise_nofile() -> anyhow::Result<Option<u64>> {
+    let lim = getrlimit(Resource::Nofile);
+    if lim.current != lim.maximum {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            },
+        )
+        .context("raising RLIMIT_NOFILE")?;
+    }
+    Ok(getrlimit(Resource::Nofile).current)
+}
+
+/// Files a fleet of `agents` needs open at once: a socket each, plus room for the
+/// files they open while working, the runtime and the HTTP client.
+pub fn files_needed(agents: usize) -> u64 {
+    agents as u64 + agents as u64 / 8 + 256
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_status_and_stat_lines() {
+        let status = "Name:\tdrover-agent\nVmHWM:\t    9000 kB\nVmRSS:\t    8123 kB\n";
+        assert_eq!(status_kib(status, "VmRSS"), Some(8123));
+        assert_eq!(status_kib(status, "VmHWM"), Some(9000));
+        assert_eq!(status_kib(status, "VmSwap"), None);
+        // A command name with a space and a parenthesis.
+        let stat = "42 (a) b) S 1 42 42 0 -1 4194560 100 0 0 0 7 3 0 0 20 0 3 0 100 0 0";
+        assert_eq!(stat_cpu_ticks(stat), Some(10));
+        assert_eq!(stat_cpu_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn this_process_can_be_read() {
+        let s = Sample::of(None).unwrap();
+        assert!(s.rss_bytes > 0 && s.peak_rss_bytes >= s.rss_bytes);
+        assert!(raise_nofile().unwrap().is_none_or(|n| n > 0));
+    }
+}
