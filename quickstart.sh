@@ -45,11 +45,15 @@ cat "$DROVER_DATA_DIR/server.json" >&2
 say "==> signing and publishing the built-in plugins"
 cp "$wasm/drover_plugin_inventory.wasm" "$demo/inventory.wasm"
 cp "$wasm/drover_plugin_misbehave.wasm" "$demo/misbehave.wasm"
+cp "$wasm/drover_plugin_command.wasm" "$demo/command.wasm"
 drover plugin sign "$demo/inventory.wasm" --name inventory --version 1 \
     --world inventory-collector --host-facts --read-path /var/lib/dpkg
 drover plugin publish "$demo/inventory.wasm"
 drover plugin sign "$demo/misbehave.wasm" --name misbehave --version 1 --world task
 drover plugin publish "$demo/misbehave.wasm"
+# Run Command asks for any program: only agents whose policy has exec = ["*"] run it.
+drover plugin sign "$demo/command.wasm" --name command --version 1 --world task --exec '*'
+drover plugin publish "$demo/command.wasm"
 
 say "==> starting a local agent"
 drover agents add local --out "$demo/agent.toml" --agent-data-dir "$demo/agent" --tag env=demo

@@ -11,6 +11,8 @@ use drover_protocol::link::BrokerUrl;
 use drover_protocol::manifest::{Capabilities, NetAddr, is_clean_absolute};
 use serde::Deserialize;
 
+use crate::exec::ANY_PROGRAM;
+
 /// The configuration file, as written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,7 +82,8 @@ pub struct PolicyFile {
     /// Directories plugins may be granted read-only access to (and anything below them).
     #[serde(default)]
     pub read_paths: Vec<PathBuf>,
-    /// Programs plugins may be granted to run: exact absolute paths.
+    /// Programs plugins may be granted to run: exact absolute paths, or `"*"` for any
+    /// program (which also lets a plugin ask for `"*"` itself).
     #[serde(default)]
     pub exec: Vec<String>,
     /// `host:port` addresses plugins may be granted TCP connections to.
@@ -89,17 +92,26 @@ pub struct PolicyFile {
     /// Whether plugins may be granted job parameters; `true` when absent, since the
     /// values come from the signed job.
     pub parameters: Option<bool>,
+    /// Users that granted programs may be run as, by name (such as `"nobody"`). Empty
+    /// when absent: programs run as the agent's own user.
+    #[serde(default)]
+    pub run_as: Vec<String>,
 }
 
 impl PolicyFile {
-    /// Checks the exec and network entries and builds the policy. (`read_paths` are
-    /// checked by [`Config::from_file`].)
+    /// Checks the exec, network and run-as entries and builds the policy. (`read_paths`
+    /// are checked by [`Config::from_file`].)
     fn check(self) -> anyhow::Result<Policy> {
         for p in &self.exec {
-            if !is_clean_absolute(p) {
+            if p != ANY_PROGRAM && !is_clean_absolute(p) {
                 bail!(
-                    "policy.exec entry {p:?} must be an absolute program path, without '.', '..' or '//'"
+                    "policy.exec entry {p:?} must be an absolute program path, without '.', '..' or '//', or \"*\" for any program"
                 );
+            }
+        }
+        for u in &self.run_as {
+            if u.is_empty() || u.contains(['/', ':', '\0']) {
+                bail!("policy.run_as entry {u:?} must be a user name, without '/', ':' or NUL");
             }
         }
         let network = self
@@ -116,6 +128,7 @@ impl PolicyFile {
             exec: self.exec,
             network,
             parameters: self.parameters.unwrap_or(true),
+            run_as: self.run_as,
         })
     }
 }
@@ -139,12 +152,15 @@ pub struct Policy {
     pub host_facts: bool,
     /// Read-only paths that may be granted, normalised and absolute.
     pub read_paths: Vec<PathBuf>,
-    /// Programs that may be granted, as exact absolute paths.
+    /// Programs that may be granted, as exact absolute paths; [`ANY_PROGRAM`] allows
+    /// any program, and asking for [`ANY_PROGRAM`] itself.
     pub exec: Vec<String>,
     /// `host:port` addresses that may be granted.
     pub network: Vec<NetAddr>,
     /// Whether job parameters may be granted.
     pub parameters: bool,
+    /// Users a granted program may be run as, by name.
+    pub run_as: Vec<String>,
 }
 
 impl Policy {
@@ -163,9 +179,15 @@ impl Policy {
                 missing.push(format!("read:{p}"));
             }
         }
+        let any_program = self.exec.iter().any(|e| e == ANY_PROGRAM);
         for p in &asked.exec {
-            // Exact paths only: a directory entry would let a plugin pick any program in it.
-            let allowed = is_clean_absolute(p) && self.exec.iter().any(|e| e == p);
+            // Exact paths only, or `*` on both sides: a directory entry would let a plugin
+            // pick any program in it, which only `*` may grant, knowingly.
+            let allowed = if p == ANY_PROGRAM {
+                any_program
+            } else {
+                is_clean_absolute(p) && (any_program || self.exec.iter().any(|e| e == p))
+            };
             if !allowed {
                 missing.push(format!("exec:{p}"));
             }
@@ -479,12 +501,66 @@ network = ["127.0.0.1:8080", "DB.example:5432", "[::1]:443"]"#,
     }
 
     #[test]
+    fn any_program_is_granted_only_by_a_policy_that_lists_it() {
+        let any = policy_of(r#"exec = ["*"]"#).unwrap();
+        let star = Capabilities {
+            exec: vec!["*".into()],
+            ..Capabilities::default()
+        };
+        assert_eq!(any.grant(&star).unwrap(), star);
+        // A policy with `*` also grants any specific program, but only a clean path.
+        let specific = Capabilities {
+            exec: vec!["/bin/sh".into(), "/opt/tool/bin/run".into()],
+            ..Capabilities::default()
+        };
+        assert_eq!(any.grant(&specific).unwrap(), specific);
+        let odd = Capabilities {
+            exec: vec!["sh".into(), "/bin/../bin/sh".into(), "**".into()],
+            ..Capabilities::default()
+        };
+        assert_eq!(
+            any.grant(&odd).unwrap_err(),
+            vec!["exec:sh", "exec:/bin/../bin/sh", "exec:**"]
+        );
+
+        // Listing every program a plugin might run is not the same as `*`.
+        let exact = policy_of(r#"exec = ["/bin/sh", "/usr/bin/env"]"#).unwrap();
+        assert_eq!(exact.grant(&star).unwrap_err(), vec!["exec:*"]);
+        let both = Capabilities {
+            exec: vec!["/bin/sh".into(), "*".into()],
+            ..Capabilities::default()
+        };
+        assert_eq!(exact.grant(&both).unwrap_err(), vec!["exec:*"]);
+        assert_eq!(Policy::default().grant(&star).unwrap_err(), vec!["exec:*"]);
+    }
+
+    #[test]
+    fn run_as_users_are_read_and_checked() {
+        assert!(policy_of("").unwrap().run_as.is_empty());
+        let p = policy_of(r#"run_as = ["nobody", "deploy-bot", "svc.web"]"#).unwrap();
+        assert_eq!(p.run_as, vec!["nobody", "deploy-bot", "svc.web"]);
+        for bad in [r#""""#, r#""a/b""#, r#""a:b""#, r#""a\u0000""#] {
+            let err = policy_of(&format!("run_as = [{bad}]")).unwrap_err();
+            assert!(
+                format!("{err:#}").contains("policy.run_as entry"),
+                "{bad}: {err:#}"
+            );
+        }
+        let err = policy_of(r#"run_as = "nobody""#).unwrap_err();
+        assert!(format!("{err:#}").contains("run_as"), "{err:#}");
+        let err = policy_of(r#"runas = ["nobody"]"#).unwrap_err();
+        assert!(format!("{err:#}").contains("unknown field"), "{err:#}");
+    }
+
+    #[test]
     fn bad_policy_entries_are_config_errors() {
         for policy in [
             r#"exec = ["uptime"]"#,
             r#"exec = ["/usr/bin/../bin/sh"]"#,
+            r#"exec = ["**"]"#,
             r#"network = ["127.0.0.1"]"#,
             r#"network = ["host:0"]"#,
+            r#"run_as = ["x:y"]"#,
         ] {
             let err = policy_of(policy).unwrap_err();
             assert!(format!("{err:#}").contains("policy."), "{policy}: {err:#}");

@@ -1,20 +1,76 @@
 //! Programs a plugin was granted, run for the `process` import.
 //!
-//! A program runs directly (no shell) with an empty environment but for [`PATH`], `/` as
-//! its working directory, stdin closed, and in a process group of its own. Its stdout and
-//! stderr are read concurrently and capped. Nothing it starts outlives the call: when the
-//! program exits, when the call times out, and when the call's future is dropped (the
-//! job's deadline drops the whole guest call), the group is killed with SIGKILL, and the
-//! child itself is killed on drop. A process that leaves the group (`setsid`) escapes
-//! this; that needs cgroups, which the agent does not use.
+//! A program runs directly (no shell) with an environment of [`PATH`] plus what the
+//! request adds, `/` or the requested directory as its working directory, stdin closed,
+//! optionally as another user, and in a process group of its own. Its stdout and stderr
+//! are read concurrently, capped and counted, and, when asked, offered live to a
+//! [`LiveSink`]. Nothing it starts outlives the call: when the program exits, when the
+//! call times out, and when the call's future is dropped (the job's deadline drops the
+//! whole guest call), the group is killed with SIGKILL, and the child itself is killed on
+//! drop. A process that leaves the group (`setsid`) escapes this; that needs cgroups,
+//! which the agent does not use.
 
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use drover_protocol::job::StreamName;
+use drover_protocol::manifest::is_clean_absolute;
 use tokio::io::{AsyncRead, AsyncReadExt as _};
+use tokio::sync::mpsc;
 
-/// The only environment variable a program gets.
+/// The `PATH` every program gets unless its request sets another.
 pub const PATH: &str = "/usr/bin:/bin";
+
+/// The `exec` entry that stands for any program given by a clean absolute path. A
+/// manifest gets it only from a policy that lists it too.
+pub const ANY_PROGRAM: &str = "*";
+
+/// Where the users a program may run as are looked up.
+const PASSWD: &str = "/etc/passwd";
+
+/// What to run, and how. The grant is checked by the caller; the rest here, by [`run`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Program {
+    /// The program's absolute path.
+    pub path: String,
+    /// Its arguments, not including the program itself.
+    pub args: Vec<String>,
+    /// The directory it starts in; `None` is `/`.
+    pub working_dir: Option<String>,
+    /// Variables added to its environment, in order: a later one wins.
+    pub env: Vec<(String, String)>,
+    /// Whom it runs as; `None` is the agent's own user.
+    pub run_as: Option<User>,
+}
+
+impl Program {
+    /// `path` with `args`, in `/`, with nothing added to the environment, as the agent's
+    /// own user.
+    pub fn new(path: impl Into<String>, args: Vec<String>) -> Program {
+        Program {
+            path: path.into(),
+            args,
+            working_dir: None,
+            env: Vec::new(),
+            run_as: None,
+        }
+    }
+}
+
+/// A user a program may run as: one line of `/etc/passwd`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    /// The user's name.
+    pub name: String,
+    /// Its user id.
+    pub uid: u32,
+    /// Its primary group id.
+    pub gid: u32,
+    /// Its home directory, for `HOME`.
+    pub home: String,
+}
 
 /// What a program did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +85,10 @@ pub struct ProgramOutput {
     pub stdout_truncated: bool,
     /// Whether stderr was cut.
     pub stderr_truncated: bool,
+    /// How many bytes it wrote to stdout in all, kept or not.
+    pub stdout_bytes: u64,
+    /// How many bytes it wrote to stderr in all, kept or not.
+    pub stderr_bytes: u64,
 }
 
 /// Why a program did not run to the end, for the plugin.
@@ -40,45 +100,234 @@ pub struct ExecError {
     pub retryable: bool,
 }
 
-/// Refuses a program that is not exactly one of `granted`.
-pub fn check_granted(granted: &[String], program: &str) -> Result<(), ExecError> {
-    if granted.iter().any(|p| p == program) {
-        Ok(())
-    } else {
-        Err(ExecError {
-            message: format!("program {program} is not granted"),
+impl ExecError {
+    /// An error that trying again unchanged cannot fix.
+    fn permanent(message: String) -> ExecError {
+        ExecError {
+            message,
             retryable: false,
-        })
+        }
     }
 }
 
-/// Runs `program` with `args`, for at most `timeout`, keeping at most `cap` bytes of
-/// each output stream. The caller has checked the grant.
+/// Live output of a running program, best effort: the bounded channel drops what a slow
+/// reader cannot take, counted.
+#[derive(Debug, Clone)]
+pub struct LiveSink {
+    tx: mpsc::Sender<LiveChunk>,
+    dropped: Arc<AtomicU64>,
+}
+
+/// One piece of a program's output, as it was read from its pipe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveChunk {
+    /// Which stream it came from.
+    pub stream: StreamName,
+    /// The bytes, as read: a piece may end inside a UTF-8 sequence or a line.
+    pub data: Vec<u8>,
+}
+
+impl LiveSink {
+    /// A sink holding at most `capacity` pieces (at least 1) that the receiver has not
+    /// taken yet; each piece is at most 64 KiB.
+    pub fn new(capacity: usize) -> (LiveSink, mpsc::Receiver<LiveChunk>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (
+            LiveSink {
+                tx,
+                dropped: Arc::default(),
+            },
+            rx,
+        )
+    }
+
+    /// How many bytes of output were dropped, in all clones of this sink, because the
+    /// channel was full or its receiver gone.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Offers a piece without waiting: a program is never slowed down by its reader.
+    fn offer(&self, stream: StreamName, data: &[u8]) {
+        let chunk = LiveChunk {
+            stream,
+            data: data.to_vec(),
+        };
+        if self.tx.try_send(chunk).is_err() {
+            self.dropped.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Refuses a program that is not granted: one that is not exactly one of `granted`,
+/// or, under a grant of [`ANY_PROGRAM`], one that is not a clean absolute path.
+pub fn check_granted(granted: &[String], program: &str) -> Result<(), ExecError> {
+    let any = granted.iter().any(|p| p == ANY_PROGRAM);
+    if is_clean_absolute(program) && (any || granted.iter().any(|p| p == program)) {
+        Ok(())
+    } else if any {
+        Err(ExecError::permanent(format!(
+            "program {program:?} is not an absolute path without '.', '..' or '//', which is all a grant of any program allows"
+        )))
+    } else {
+        Err(ExecError::permanent(format!(
+            "program {program} is not granted"
+        )))
+    }
+}
+
+/// Refuses environment variables that cannot be passed on as they are: an empty name,
+/// a name with `=` or NUL, a value with NUL. Values are never quoted: they may be secret.
+pub fn check_env(env: &[(String, String)]) -> Result<(), ExecError> {
+    for (name, value) in env {
+        if name.is_empty() || name.contains(['=', '\0']) {
+            return Err(ExecError::permanent(format!(
+                "environment variable name {name:?} is invalid: it must be non-empty and contain no '=' or NUL"
+            )));
+        }
+        if value.contains('\0') {
+            return Err(ExecError::permanent(format!(
+                "environment variable {name} has a NUL byte in its value"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a working directory that is not a clean absolute path of an existing
+/// directory (as the agent sees it).
+pub async fn check_working_dir(dir: &str) -> Result<(), ExecError> {
+    if dir != "/" && !is_clean_absolute(dir) {
+        return Err(ExecError::permanent(format!(
+            "working directory {dir:?} must be an absolute path without '.', '..' or '//'"
+        )));
+    }
+    match tokio::fs::metadata(dir).await {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(ExecError::permanent(format!(
+            "working directory {dir} is not a directory"
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ExecError::permanent(format!(
+            "working directory {dir} does not exist on this host"
+        ))),
+        Err(e) => Err(ExecError::permanent(format!(
+            "working directory {dir} cannot be used: {e}"
+        ))),
+    }
+}
+
+/// The user `name`, if the policy's `allowed` list names it and `/etc/passwd` has it.
+/// (Only `/etc/passwd`: users that exist only in NSS sources such as LDAP are not found.)
+pub fn run_as_user(name: &str, allowed: &[String]) -> Result<User, ExecError> {
+    if !allowed.iter().any(|a| a == name) {
+        return Err(ExecError::permanent(format!(
+            "run-as user {name} is not allowed by this agent's policy"
+        )));
+    }
+    let passwd = std::fs::read_to_string(PASSWD).map_err(|e| ExecError {
+        message: format!("run-as user {name} cannot be looked up: reading {PASSWD} failed: {e}"),
+        retryable: true,
+    })?;
+    find_user(&passwd, name).ok_or_else(|| {
+        ExecError::permanent(format!(
+            "run-as user {name} does not exist on this host (not in {PASSWD})"
+        ))
+    })
+}
+
+/// The first well-formed entry for `name` in the text of a passwd file
+/// (`name:password:uid:gid:gecos:home:shell`).
+fn find_user(passwd: &str, name: &str) -> Option<User> {
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        if fields.len() < 7 || fields[0] != name {
+            return None;
+        }
+        Some(User {
+            name: name.to_string(),
+            uid: fields[2].parse().ok()?,
+            gid: fields[3].parse().ok()?,
+            home: fields[5].to_string(),
+        })
+    })
+}
+
+/// Whether switching to `user` needs new ids (`true` when the agent runs as root),
+/// or is not needed (`false`: it is the agent's own user); any other user is refused,
+/// since only root may switch.
+fn needs_switch(euid: u32, user: &User) -> Result<bool, ExecError> {
+    if euid == 0 {
+        Ok(true)
+    } else if euid == user.uid {
+        Ok(false)
+    } else {
+        Err(ExecError::permanent(format!(
+            "run-as user {} needs the agent to run as root, and it runs as uid {euid}",
+            user.name
+        )))
+    }
+}
+
+#[cfg(unix)]
+fn effective_uid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+#[cfg(not(unix))]
+fn effective_uid() -> u32 {
+    u32::MAX
+}
+
+/// Runs `program` for at most `timeout`, keeping at most `cap` bytes of each output
+/// stream and offering everything it writes to `live`, if given. The caller has checked
+/// the grant and the run-as policy; the environment, working directory and whether the
+/// agent can switch users are checked here.
 pub async fn run(
-    program: &str,
-    args: &[String],
+    program: &Program,
     timeout: Duration,
     cap: usize,
+    live: Option<&LiveSink>,
 ) -> Result<ProgramOutput, ExecError> {
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args)
+    let path = &program.path;
+    check_env(&program.env)?;
+    let working_dir = program.working_dir.as_deref().unwrap_or("/");
+    check_working_dir(working_dir).await?;
+    let mut cmd = tokio::process::Command::new(path);
+    cmd.args(&program.args)
         .env_clear()
         .env("PATH", PATH)
-        .current_dir("/")
+        .current_dir(working_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    if let Some(user) = &program.run_as {
+        if needs_switch(effective_uid(), user)? {
+            // std sets the group id, then, because no supplementary groups are given,
+            // calls `setgroups(0, NULL)` before `setuid`: as root that clears them all,
+            // so nothing of the agent's groups is left (std's `CommandExt::uid` docs and
+            // its unix `do_exec`). The user's own supplementary groups are not added.
+            // The working directory is entered after the switch, as the user.
+            #[cfg(unix)]
+            cmd.gid(user.gid).uid(user.uid);
+        }
+        cmd.env("HOME", &user.home)
+            .env("USER", &user.name)
+            .env("LOGNAME", &user.name);
+    }
+    // Last, so the request's own variables win (`PATH` included).
+    cmd.envs(program.env.iter().map(|(k, v)| (k, v)));
     #[cfg(unix)]
     cmd.process_group(0);
-    let mut child = cmd.spawn().map_err(|e| ExecError {
-        message: format!("program {program} could not be started: {e}"),
-        retryable: false,
-    })?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| ExecError::permanent(format!("program {path} could not be started: {e}")))?;
     // Declared after `child`, so dropped before it: the group dies while the child is
     // still unreaped and its id cannot have been reused.
     let mut group = ProcessGroup(child.id());
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let live_out = live.map(|l| (l, StreamName::Stdout));
+    let live_err = live.map(|l| (l, StreamName::Stderr));
     let work = async {
         let status = async {
             let status = child.wait().await;
@@ -86,15 +335,19 @@ pub async fn run(
             group.kill();
             status
         };
-        tokio::join!(status, read_capped(stdout, cap), read_capped(stderr, cap))
+        tokio::join!(
+            status,
+            read_capped(stdout, cap, live_out),
+            read_capped(stderr, cap, live_err)
+        )
     };
-    let (status, (stdout, stdout_truncated), (stderr, stderr_truncated)) =
+    let (status, (stdout, stdout_bytes), (stderr, stderr_bytes)) =
         match tokio::time::timeout(timeout, work).await {
             Ok(done) => done,
             Err(_) => {
                 return Err(ExecError {
                     message: format!(
-                        "program {program} did not finish within {} ms and was killed",
+                        "program {path} did not finish within {} ms and was killed",
                         timeout.as_millis()
                     ),
                     retryable: true,
@@ -102,25 +355,32 @@ pub async fn run(
             }
         };
     let status = status.map_err(|e| ExecError {
-        message: format!("waiting for program {program} failed: {e}"),
+        message: format!("waiting for program {path} failed: {e}"),
         retryable: true,
     })?;
     Ok(ProgramOutput {
         exit_code: status.code().unwrap_or(-1),
+        stdout_truncated: stdout_bytes > stdout.len() as u64,
+        stderr_truncated: stderr_bytes > stderr.len() as u64,
         stdout,
         stderr,
-        stdout_truncated,
-        stderr_truncated,
+        stdout_bytes,
+        stderr_bytes,
     })
 }
 
-/// Reads `r` to its end, keeping the first `cap` bytes; says whether anything was cut.
-/// Reading on past the cap keeps a chatty program from blocking on a full pipe.
-async fn read_capped(r: Option<impl AsyncRead + Unpin>, cap: usize) -> (Vec<u8>, bool) {
+/// Reads `r` to its end, keeping the first `cap` bytes and offering every piece to
+/// `live`; returns what it kept and how many bytes it read in all. Reading on past the
+/// cap keeps a chatty program from blocking on a full pipe.
+async fn read_capped(
+    r: Option<impl AsyncRead + Unpin>,
+    cap: usize,
+    live: Option<(&LiveSink, StreamName)>,
+) -> (Vec<u8>, u64) {
     let mut kept = Vec::new();
-    let mut truncated = false;
+    let mut total = 0u64;
     let Some(mut r) = r else {
-        return (kept, truncated);
+        return (kept, total);
     };
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -129,11 +389,14 @@ async fn read_capped(r: Option<impl AsyncRead + Unpin>, cap: usize) -> (Vec<u8>,
             Ok(n) => {
                 let room = cap.saturating_sub(kept.len());
                 kept.extend_from_slice(&buf[..n.min(room)]);
-                truncated |= n > room;
+                total = total.saturating_add(n as u64);
+                if let Some((sink, stream)) = live {
+                    sink.offer(stream, &buf[..n]);
+                }
             }
         }
     }
-    (kept, truncated)
+    (kept, total)
 }
 
 /// A process group, killed with SIGKILL when dropped or asked to, once.
@@ -174,6 +437,14 @@ mod tests {
         a.iter().map(|s| s.to_string()).collect()
     }
 
+    fn prog(path: &str, a: &[&str]) -> Program {
+        Program::new(path, args(a))
+    }
+
+    fn sh(script: &str) -> Program {
+        prog("/bin/sh", &["-c", script])
+    }
+
     #[test]
     fn only_exactly_granted_programs_pass() {
         let granted = args(&["/bin/echo", "/usr/bin/uptime"]);
@@ -184,6 +455,7 @@ mod tests {
             "/bin//echo",
             "/bin/echo ",
             "/usr/bin/../bin/echo",
+            "*",
         ] {
             let e = check_granted(&granted, p).unwrap_err();
             assert_eq!(e.message, format!("program {p} is not granted"));
@@ -191,41 +463,113 @@ mod tests {
         }
     }
 
+    #[test]
+    fn any_program_grants_clean_absolute_paths_only() {
+        let granted = args(&[ANY_PROGRAM]);
+        for p in ["/bin/sh", "/usr/local/bin/tool", "/no/such/program"] {
+            assert!(check_granted(&granted, p).is_ok(), "{p}");
+        }
+        for p in ["*", "sh", "", "/", "/bin/../bin/sh", "/bin//sh", "/bin/sh/"] {
+            let e = check_granted(&granted, p).unwrap_err();
+            assert!(e.message.contains("not an absolute path"), "{p}: {e:?}");
+            assert!(!e.retryable);
+        }
+    }
+
     #[tokio::test]
     async fn runs_without_a_shell_and_with_a_bare_environment() {
         let out = run(
-            "/bin/echo",
-            &args(&["hello", "$HOME", "a;b"]),
+            &prog("/bin/echo", &["hello", "$HOME", "a;b"]),
             Duration::from_secs(10),
             1024,
+            None,
         )
         .await
         .unwrap();
         assert_eq!(out.exit_code, 0);
         assert_eq!(out.stdout, b"hello $HOME a;b\n");
         assert!(!out.stdout_truncated && out.stderr.is_empty());
+        assert_eq!((out.stdout_bytes, out.stderr_bytes), (16, 0));
 
-        let env = run("/usr/bin/env", &[], Duration::from_secs(10), 1024)
-            .await
-            .unwrap();
+        let env = run(
+            &prog("/usr/bin/env", &[]),
+            Duration::from_secs(10),
+            1024,
+            None,
+        )
+        .await
+        .unwrap();
         assert_eq!(
             String::from_utf8_lossy(&env.stdout),
             format!("PATH={PATH}\n")
         );
 
-        let pwd = run("/bin/pwd", &[], Duration::from_secs(10), 1024)
+        let pwd = run(&prog("/bin/pwd", &[]), Duration::from_secs(10), 1024, None)
             .await
             .unwrap();
         assert_eq!(pwd.stdout, b"/\n");
     }
 
     #[tokio::test]
-    async fn exit_codes_stderr_and_caps_come_back() {
+    async fn working_directory_and_environment_are_applied() {
+        let dir = "/usr";
+        let mut p = sh("pwd; echo \"$FOO|$EMPTY|$PATH\"");
+        p.working_dir = Some(dir.to_string());
+        p.env = vec![
+            ("FOO".into(), "bar baz".into()),
+            ("EMPTY".into(), String::new()),
+            ("PATH".into(), "/bin".into()),
+            ("FOO".into(), "later wins".into()),
+        ];
+        let out = run(&p, Duration::from_secs(10), 1024, None).await.unwrap();
+        assert_eq!(out.exit_code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("{dir}\nlater wins||/bin\n")
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_working_directories_and_environments_are_refused() {
+        for (dir, why) in [
+            ("relative", "must be an absolute path"),
+            ("/tmp/../etc", "must be an absolute path"),
+            ("/tmp//x", "must be an absolute path"),
+            ("/no/such/directory", "does not exist"),
+            ("/bin/sh", "is not a directory"),
+        ] {
+            let mut p = prog("/bin/pwd", &[]);
+            p.working_dir = Some(dir.into());
+            let e = run(&p, Duration::from_secs(10), 10, None)
+                .await
+                .unwrap_err();
+            assert!(e.message.contains(why), "{dir}: {e:?}");
+            assert!(!e.retryable);
+        }
+        for (name, value, why) in [
+            ("", "x", "is invalid"),
+            ("A=B", "x", "is invalid"),
+            ("A\0", "x", "is invalid"),
+            ("SECRET", "s3cret\0", "NUL byte in its value"),
+        ] {
+            let mut p = prog("/bin/pwd", &[]);
+            p.env = vec![(name.into(), value.into())];
+            let e = run(&p, Duration::from_secs(10), 10, None)
+                .await
+                .unwrap_err();
+            assert!(e.message.contains(why), "{name:?}: {e:?}");
+            assert!(!e.message.contains("s3cret"), "a value leaked: {e:?}");
+            assert!(!e.retryable);
+        }
+    }
+
+    #[tokio::test]
+    async fn exit_codes_stderr_caps_and_totals_come_back() {
         let out = run(
-            "/bin/sh",
-            &args(&["-c", "echo oops >&2; head -c 100000 /dev/zero; exit 3"]),
+            &sh("echo oops >&2; head -c 100000 /dev/zero; exit 3"),
             Duration::from_secs(10),
             1000,
+            None,
         )
         .await
         .unwrap();
@@ -233,12 +577,143 @@ mod tests {
         assert_eq!(out.stderr, b"oops\n");
         assert_eq!(out.stdout.len(), 1000);
         assert!(out.stdout_truncated && !out.stderr_truncated);
+        assert_eq!((out.stdout_bytes, out.stderr_bytes), (100_000, 5));
 
-        let e = run("/nonexistent/program", &[], Duration::from_secs(1), 10)
-            .await
-            .unwrap_err();
+        let e = run(
+            &prog("/nonexistent/program", &[]),
+            Duration::from_secs(1),
+            10,
+            None,
+        )
+        .await
+        .unwrap_err();
         assert!(e.message.contains("could not be started"), "{e:?}");
         assert!(!e.retryable);
+    }
+
+    #[tokio::test]
+    async fn live_output_arrives_in_order_per_stream() {
+        let (sink, mut rx) = LiveSink::new(64);
+        let out = run(
+            &sh("echo one; echo err >&2; sleep 0.1; echo two"),
+            Duration::from_secs(10),
+            1024,
+            Some(&sink),
+        )
+        .await
+        .unwrap();
+        drop(sink);
+        let (mut live_out, mut live_err) = (Vec::new(), Vec::new());
+        while let Some(c) = rx.recv().await {
+            match c.stream {
+                StreamName::Stdout => live_out.extend(c.data),
+                StreamName::Stderr => live_err.extend(c.data),
+            }
+        }
+        assert_eq!(live_out, out.stdout);
+        assert_eq!(live_out, b"one\ntwo\n");
+        assert_eq!(live_err, b"err\n");
+    }
+
+    #[tokio::test]
+    async fn a_full_live_sink_drops_and_counts_but_never_blocks() {
+        // Room for one piece and nobody reading: the rest is dropped, counted in bytes.
+        let (sink, rx) = LiveSink::new(1);
+        let out = run(
+            &sh("head -c 1000000 /dev/zero"),
+            Duration::from_secs(10),
+            100,
+            Some(&sink),
+        )
+        .await
+        .unwrap();
+        assert_eq!(out.stdout_bytes, 1_000_000);
+        assert!(out.stdout_truncated);
+        let kept: u64 = {
+            let mut rx = rx;
+            let mut n = 0;
+            while let Ok(c) = rx.try_recv() {
+                n += c.data.len() as u64;
+            }
+            n
+        };
+        assert!(kept > 0);
+        assert_eq!(kept + sink.dropped(), 1_000_000);
+        // A receiver that is gone counts as a slow one.
+        let (sink, rx) = LiveSink::new(8);
+        drop(rx);
+        run(&sh("echo gone"), Duration::from_secs(10), 100, Some(&sink))
+            .await
+            .unwrap();
+        assert_eq!(sink.dropped(), 5);
+    }
+
+    #[test]
+    fn users_are_found_in_passwd_text() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\n\
+                      # a comment\n\
+                      broken:x:nope:1:b:/b:/bin/sh\n\
+                      short:x:5:5\n\
+                      nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n";
+        assert_eq!(
+            find_user(passwd, "nobody"),
+            Some(User {
+                name: "nobody".into(),
+                uid: 65534,
+                gid: 65534,
+                home: "/nonexistent".into()
+            })
+        );
+        assert_eq!(find_user(passwd, "root").map(|u| u.uid), Some(0));
+        for missing in ["broken", "short", "nobod", "", "# a comment"] {
+            assert_eq!(find_user(passwd, missing), None, "{missing}");
+        }
+    }
+
+    #[test]
+    fn run_as_needs_the_policy_and_root_or_the_same_user() {
+        let e = run_as_user("nobody", &args(&["daemon"])).unwrap_err();
+        assert_eq!(
+            e.message,
+            "run-as user nobody is not allowed by this agent's policy"
+        );
+        assert!(!e.retryable);
+        let e = run_as_user("no-such-user-here", &args(&["no-such-user-here"])).unwrap_err();
+        assert!(e.message.contains("does not exist on this host"), "{e:?}");
+
+        let nobody = User {
+            name: "nobody".into(),
+            uid: 65534,
+            gid: 65534,
+            home: "/nonexistent".into(),
+        };
+        assert_eq!(needs_switch(0, &nobody), Ok(true));
+        assert_eq!(needs_switch(65534, &nobody), Ok(false));
+        let e = needs_switch(1000, &nobody).unwrap_err();
+        assert_eq!(
+            e.message,
+            "run-as user nobody needs the agent to run as root, and it runs as uid 1000"
+        );
+    }
+
+    #[tokio::test]
+    async fn runs_as_another_user_when_root() {
+        let user = run_as_user("nobody", &args(&["nobody"])).unwrap();
+        let mut p = sh("id -u; id -g; id -G; echo \"$HOME $USER $LOGNAME\"");
+        p.run_as = Some(user.clone());
+        let result = run(&p, Duration::from_secs(10), 1024, None).await;
+        if effective_uid() != 0 {
+            let e = result.unwrap_err();
+            assert!(
+                e.message.contains("needs the agent to run as root"),
+                "{e:?}"
+            );
+            return;
+        }
+        let out = result.unwrap();
+        let (uid, gid) = (user.uid.to_string(), user.gid.to_string());
+        let expected = format!("{uid}\n{gid}\n{gid}\n{} nobody nobody\n", user.home);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
     }
 
     /// Whether any process's command line is exactly `argv`.
@@ -280,9 +755,9 @@ mod tests {
     async fn a_timeout_kills_the_program_and_its_children() {
         // The shell starts a grandchild in the background and waits on another.
         let t = Instant::now();
-        let script = args(&["-c", "/bin/sleep 61.25 & /bin/sleep 61.5; wait"]);
+        let script = sh("/bin/sleep 61.25 & /bin/sleep 61.5; wait");
         let (result, seen) = tokio::join!(
-            run("/bin/sh", &script, Duration::from_millis(1500), 100,),
+            run(&script, Duration::from_millis(1500), 100, None),
             async {
                 started(&["/bin/sleep", "61.25"]).await && started(&["/bin/sleep", "61.5"]).await
             }
@@ -303,10 +778,10 @@ mod tests {
     async fn dropping_the_call_kills_the_program() {
         let call = tokio::spawn(async {
             run(
-                "/bin/sleep",
-                &args(&["62.75"]),
+                &prog("/bin/sleep", &["62.75"]),
                 Duration::from_secs(60),
                 100,
+                None,
             )
             .await
         });
@@ -322,10 +797,10 @@ mod tests {
     #[tokio::test]
     async fn leftovers_in_the_group_die_when_the_program_exits() {
         let out = run(
-            "/bin/sh",
-            &args(&["-c", "/bin/sleep 63.125 >/dev/null 2>&1 & echo started"]),
+            &sh("/bin/sleep 63.125 >/dev/null 2>&1 & echo started"),
             Duration::from_secs(10),
             100,
+            None,
         )
         .await
         .unwrap();

@@ -528,6 +528,7 @@ impl Executor {
         let grant = Grant {
             capabilities,
             limits: self.config.clamp(env.limits),
+            run_as: self.config.policy.run_as.clone(),
         };
         let req = RunRequest {
             agent_id: &self.config.id,
@@ -536,6 +537,7 @@ impl Executor {
             input: &env.input,
             parameters: &parameters,
             grant: &grant,
+            live: None,
         };
         Ok(self.runtime.run(&plugin, &req).await)
     }

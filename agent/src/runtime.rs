@@ -19,6 +19,7 @@ use wasmtime::{Config, Engine, Store};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::capped::CappedPipe;
+use crate::exec::LiveSink;
 use crate::facts::HostFacts;
 
 /// How often the epoch advances: the granularity of deadlines and of yielding to tokio.
@@ -68,6 +69,10 @@ struct Host {
     facts: Option<HostFacts>,
     /// Programs the `process` import may run.
     exec: Vec<String>,
+    /// Users those programs may run as: the agent policy's `run_as`.
+    run_as: Vec<String>,
+    /// Where programs' output goes live, for commands that ask to stream it.
+    live: Option<LiveSink>,
     /// The job's deadline: no program runs past it.
     deadline: Instant,
     /// Most bytes kept of each of a program's output streams.
@@ -161,20 +166,46 @@ impl process::Host for Host {
             );
             return Err(to_plugin(e));
         }
+        let run_as = match request.run_as.as_deref() {
+            None => None,
+            Some(name) => match crate::exec::run_as_user(name, &self.run_as) {
+                Ok(user) => Some(user),
+                Err(e) => {
+                    tracing::warn!(
+                        job.id = %self.job_id,
+                        plugin = %self.plugin,
+                        program = %request.program,
+                        run_as = %name,
+                        "plugin asked to run a program as a user it may not; refused: {}",
+                        e.message
+                    );
+                    return Err(to_plugin(e));
+                }
+            },
+        };
         let remaining = self.deadline.saturating_duration_since(Instant::now());
         let timeout = request.timeout_ms.map_or(remaining, |ms| {
             remaining.min(Duration::from_millis(ms.into()))
         });
+        let program = crate::exec::Program {
+            path: request.program,
+            args: request.args,
+            working_dir: request.working_dir,
+            env: request.env,
+            run_as,
+        };
+        let live = self.live.as_ref().filter(|_| request.stream_output);
         let started = Instant::now();
-        // Arguments are not logged: they may carry parameters.
-        let result =
-            crate::exec::run(&request.program, &request.args, timeout, self.output_cap).await;
+        // Arguments and the environment are not logged: they may carry parameters.
+        let result = crate::exec::run(&program, timeout, self.output_cap, live).await;
         let (job, plugin) = (&self.job_id, &self.plugin);
+        let user = program.run_as.as_ref().map_or("", |u| u.name.as_str());
         match &result {
             Ok(out) => tracing::info!(
                 job.id = %job,
                 plugin = %plugin,
-                program = %request.program,
+                program = %program.path,
+                run_as = %user,
                 exit_code = out.exit_code,
                 ms = started.elapsed().as_millis() as u64,
                 "plugin ran a program"
@@ -182,7 +213,8 @@ impl process::Host for Host {
             Err(e) => tracing::warn!(
                 job.id = %job,
                 plugin = %plugin,
-                program = %request.program,
+                program = %program.path,
+                run_as = %user,
                 "plugin's program did not run: {}",
                 e.message
             ),
@@ -194,6 +226,8 @@ impl process::Host for Host {
             stderr: out.stderr,
             stdout_truncated: out.stdout_truncated,
             stderr_truncated: out.stderr_truncated,
+            stdout_bytes: out.stdout_bytes,
+            stderr_bytes: out.stderr_bytes,
         })
     }
 }
@@ -261,7 +295,7 @@ pub struct RunOutcome {
 }
 
 /// One run: who asked, with what, under which grant.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RunRequest<'a> {
     /// This agent's id, for the host-facts import.
     pub agent_id: &'a str,
@@ -276,6 +310,9 @@ pub struct RunRequest<'a> {
     pub parameters: &'a std::collections::BTreeMap<String, String>,
     /// What the run may use.
     pub grant: &'a Grant,
+    /// Where live output of programs goes when a command asks to stream it; `None`
+    /// drops it (the command's output still comes back whole, up to the cap).
+    pub live: Option<LiveSink>,
 }
 
 /// Where a run's side channels land.
@@ -292,6 +329,9 @@ pub struct Grant {
     pub capabilities: Capabilities,
     /// The limits.
     pub limits: Limits,
+    /// Users granted programs may run as: the agent policy's `run_as`. Not part of
+    /// the manifest: a command names its user, and the policy alone decides.
+    pub run_as: Vec<String>,
 }
 
 /// The sandbox runtime: one engine, shared by all runs.
@@ -525,6 +565,7 @@ impl Runtime {
             input,
             grant,
             parameters,
+            ref live,
         } = *req;
         let (stdout, stderr, mem_hit) = (&sinks.stdout, &sinks.stderr, &sinks.memory_limit_hit);
         let mut wasi = WasiCtxBuilder::new();
@@ -554,6 +595,8 @@ impl Runtime {
             },
             facts: grant.capabilities.host_facts.then(HostFacts::gather),
             exec: grant.capabilities.exec.clone(),
+            run_as: grant.run_as.clone(),
+            live: live.clone(),
             deadline: Instant::now() + deadline,
             output_cap: usize::try_from(grant.limits.output_bytes).unwrap_or(usize::MAX),
             parameters: granted_parameters(parameters, &grant.capabilities.parameters),
@@ -610,18 +653,31 @@ impl Runtime {
         }
         let value = result?;
         let size = serde_json::to_vec(&value).map(|v| v.len()).unwrap_or(0);
-        if size as u64 > grant.limits.output_bytes {
+        let limit = returned_output_limit(&grant.limits);
+        if size as u64 > limit {
             return Err(Failure {
                 kind: FailureKind::OutputLimit,
                 message: format!(
-                    "plugin returned {size} bytes of output, over its {} byte limit",
-                    grant.limits.output_bytes
+                    "plugin returned {size} bytes of output, over its {limit} byte limit"
                 ),
                 retryable: false,
             });
         }
         Ok(value)
     }
+}
+
+/// Most bytes of JSON a plugin may return: twice `output_bytes`, plus 64 KiB.
+///
+/// A program's stdout and stderr are each kept up to `output_bytes`; a plugin that
+/// returns both, as text in a JSON document with a few fields around them (the command
+/// plugin does), needs room for two full streams and the rest. Output that JSON escapes
+/// heavily (control characters) can still go over, and is refused as too large.
+pub fn returned_output_limit(limits: &Limits) -> u64 {
+    limits
+        .output_bytes
+        .saturating_mul(2)
+        .saturating_add(64 << 10)
 }
 
 fn first_line(e: &wasmtime::Error) -> String {
@@ -714,6 +770,8 @@ mod tests {
             },
             facts: None,
             exec: exec.iter().map(|s| s.to_string()).collect(),
+            run_as: Vec::new(),
+            live: None,
             deadline: Instant::now() + Duration::from_secs(30),
             output_cap: 1024,
             parameters: granted_parameters(&all, &granted),
@@ -746,6 +804,10 @@ mod tests {
             program: program.into(),
             args: args.iter().map(|s| s.to_string()).collect(),
             timeout_ms,
+            working_dir: None,
+            env: Vec::new(),
+            run_as: None,
+            stream_output: false,
         }
     }
 
@@ -780,5 +842,108 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.message.contains("within 200 ms"), "{}", e.message);
+    }
+
+    #[tokio::test]
+    async fn process_run_applies_the_working_directory_and_environment() {
+        let mut h = host(&["/bin/sh"], &[], &[]);
+        let mut c = command("/bin/sh", &["-c", "pwd; echo \"$FOO\"; echo $PATH"], None);
+        c.working_dir = Some("/usr".into());
+        c.env = vec![("FOO".into(), "bar".into())];
+        let out = h.run(c.clone()).await.unwrap();
+        assert_eq!(out.exit_code, 0);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("/usr\nbar\n{}\n", crate::exec::PATH)
+        );
+        c.env = vec![("A=B".into(), "x".into())];
+        let e = h.run(c.clone()).await.unwrap_err();
+        assert!(e.message.contains("environment variable name"), "{e:?}");
+        assert!(!e.retryable);
+        c.env.clear();
+        c.working_dir = Some("/no/such/dir".into());
+        let e = h.run(c).await.unwrap_err();
+        assert_eq!(
+            e.message,
+            "working directory /no/such/dir does not exist on this host"
+        );
+    }
+
+    #[tokio::test]
+    async fn process_run_reports_totals_when_output_is_cut() {
+        let mut h = host(&["/bin/sh"], &[], &[]);
+        let out = h
+            .run(command(
+                "/bin/sh",
+                &["-c", "head -c 5000 /dev/zero; head -c 3000 /dev/zero >&2"],
+                None,
+            ))
+            .await
+            .unwrap();
+        assert_eq!((out.stdout.len(), out.stderr.len()), (1024, 1024));
+        assert!(out.stdout_truncated && out.stderr_truncated);
+        assert_eq!((out.stdout_bytes, out.stderr_bytes), (5000, 3000));
+    }
+
+    #[tokio::test]
+    async fn process_run_streams_live_output_only_when_asked() {
+        let mut h = host(&["/bin/echo"], &[], &[]);
+        let (sink, mut rx) = LiveSink::new(16);
+        h.live = Some(sink);
+        let mut c = command("/bin/echo", &["quiet"], None);
+        h.run(c.clone()).await.unwrap();
+        assert!(rx.try_recv().is_err(), "streamed without being asked");
+        c.args = vec!["loud".into()];
+        c.stream_output = true;
+        let out = h.run(c).await.unwrap();
+        let chunk = rx.try_recv().unwrap();
+        assert_eq!(chunk.stream, drover_protocol::job::StreamName::Stdout);
+        assert_eq!(chunk.data, b"loud\n");
+        assert_eq!(out.stdout, b"loud\n", "the output comes back whole too");
+    }
+
+    #[tokio::test]
+    async fn process_run_under_an_any_program_grant() {
+        let mut h = host(&[crate::exec::ANY_PROGRAM], &[], &[]);
+        let out = h.run(command("/bin/echo", &["any"], None)).await.unwrap();
+        assert_eq!(out.stdout, b"any\n");
+        for program in ["echo", "*", "/bin/../bin/echo"] {
+            let e = h.run(command(program, &[], None)).await.unwrap_err();
+            assert!(
+                e.message.contains("not an absolute path"),
+                "{program}: {e:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn process_run_as_a_user_needs_the_policy() {
+        let mut h = host(&["/usr/bin/id"], &[], &[]);
+        let mut c = command("/usr/bin/id", &["-un"], None);
+        c.run_as = Some("nobody".into());
+        let e = h.run(c.clone()).await.unwrap_err();
+        assert_eq!(
+            e.message,
+            "run-as user nobody is not allowed by this agent's policy"
+        );
+        assert!(!e.retryable);
+        h.run_as = vec!["nobody".into()];
+        match h.run(c).await {
+            Ok(out) => assert_eq!(out.stdout, b"nobody\n"),
+            // Not root: only the agent's own user may be named.
+            Err(e) => assert!(
+                e.message.contains("needs the agent to run as root"),
+                "{e:?}"
+            ),
+        }
+    }
+
+    #[test]
+    fn returned_output_has_room_for_two_full_streams() {
+        let limits = Limits {
+            output_bytes: 1 << 20,
+            ..Limits::default()
+        };
+        assert_eq!(returned_output_limit(&limits), (2 << 20) + (64 << 10));
     }
 }

@@ -51,7 +51,8 @@ pub struct Capabilities {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub read_paths: Vec<String>,
     /// Absolute paths of the programs the `process` import may run, exactly as the plugin
-    /// will name them.
+    /// will name them; `"*"` asks for any program given by an absolute path (granted only
+    /// by an agent policy that lists `"*"` too).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exec: Vec<String>,
     /// `host:port` addresses the plugin may open TCP connections to; the host is an IP
@@ -236,9 +237,9 @@ impl Manifest {
             }
         }
         for p in &self.capabilities.exec {
-            if !is_clean_absolute(p) {
+            if p != "*" && !is_clean_absolute(p) {
                 return Err(format!(
-                    "exec path {p:?} must be an absolute file path without '.', '..' or '//'"
+                    "exec path {p:?} must be an absolute file path without '.', '..' or '//', or \"*\" for any program"
                 ));
             }
         }
@@ -365,11 +366,16 @@ mod tests {
             "/usr/bin/",
             "/",
             "",
+            "**",
+            " *",
         ] {
             m.capabilities.exec = vec![bad.into()];
             let err = m.validate().unwrap_err();
             assert!(err.contains("exec path"), "{bad}: {err}");
         }
+        // Any program: the agent's policy decides whether to grant it.
+        m.capabilities.exec = vec!["*".into()];
+        assert!(m.validate().is_ok(), "{:?}", m.validate());
         m.capabilities.exec.clear();
         for bad in ["127.0.0.1", "127.0.0.1:0", "host:99999"] {
             m.capabilities.network = vec![bad.into()];

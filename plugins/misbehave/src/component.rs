@@ -115,6 +115,10 @@ fn run(input: &str) -> Result<String, Failure> {
                 program: modes::string(args, "program", "/usr/bin/uptime")?.to_owned(),
                 args: modes::strings(args, "args")?,
                 timeout_ms: modes::optional_u32(args, "timeout_ms")?,
+                working_dir: None,
+                env: Vec::new(),
+                run_as: None,
+                stream_output: false,
             };
             // The host's error goes back as it is, retryable flag and all.
             let out = process::run(&request).map_err(Failure::Host)?;
