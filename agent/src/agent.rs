@@ -31,7 +31,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// oversized packet would kill the connection and come back with the session.
 const MAX_INCOMING: usize = 16 << 20;
 /// Largest message the agent sends: a result with full output and capped streams.
-const MAX_OUTGOING: usize = 16 << 20;
+pub const MAX_OUTGOING: usize = 16 << 20;
 
 /// How often a signed heartbeat goes out while connected.
 const HEARTBEAT: Duration = Duration::from_secs(30);

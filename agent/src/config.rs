@@ -337,6 +337,12 @@ impl Config {
         {
             bail!("chunk_size {chunk_size} is outside 1 KiB..1 MiB");
         }
+        if let Some(k) = file.limits.output_kib
+            && !(1..=1024).contains(&k)
+        {
+            // Two streams of this, escaped in JSON, must fit in one 16 MiB message.
+            bail!("limits.output_kib {k} is outside 1..1024: a result must fit in one message");
+        }
         let default = Limits::default();
         Ok(Config {
             username: file.username.unwrap_or_else(|| id.clone()),

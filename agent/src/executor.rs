@@ -3,21 +3,27 @@
 //! Every refusal becomes a result with a `Rejected` status and a reason, logged and sent
 //! to the control plane; nothing a job carries can stop the agent.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use drover_protocol::job::{Failure, FailureKind, JobEnvelope, JobResult, Parameter, ResultStatus};
+use drover_protocol::job::{
+    CancelRequest, Failure, FailureKind, JobEnvelope, JobResult, Parameter, Progress,
+    ProgressEvent, ResultStatus, StreamName,
+};
 use drover_protocol::manifest::{Manifest, sha256_hex};
 use drover_protocol::signed::Signed;
 use drover_protocol::topics::{self, Up};
 use drover_protocol::{link::LinkHandle, now_ms, now_secs};
 use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::config::Config;
+use crate::exec::{LiveChunk, LiveSink};
 use crate::fetch::Fetcher;
 use crate::identity::Identity;
 use crate::outbox::Outbox;
@@ -26,6 +32,17 @@ use crate::state::{EnvelopeRefusal, State};
 
 /// How far the agent's clock may be behind the control plane's.
 const CLOCK_SKEW_MS: u64 = 60_000;
+
+/// Pieces of live output waiting for the forwarder before new ones are dropped.
+const LIVE_CAPACITY: usize = 256;
+/// Largest piece of live output in one progress message.
+const LIVE_BATCH: usize = 32 << 10;
+/// How long live output gathers before it goes out.
+const LIVE_LINGER: Duration = Duration::from_millis(50);
+/// How long cancel requests for jobs not (yet) seen are remembered.
+const CANCEL_MEMORY_MS: u64 = 3_600_000;
+/// Most cancel requests remembered for jobs not (yet) seen.
+const CANCEL_MEMORY_MAX: usize = 10_000;
 
 /// Counters, for logs and the benchmark.
 #[derive(Debug, Default)]
@@ -38,6 +55,12 @@ pub struct Stats {
     pub dropped_busy: AtomicU64,
     /// Results the outbox could not store (sent once without retry).
     pub unstored: AtomicU64,
+    /// Jobs stopped by a cancel request.
+    pub cancelled: AtomicU64,
+    /// Bytes of live output not forwarded: over the output cap, or a full channel.
+    pub live_dropped: AtomicU64,
+    /// Cancel requests forgotten because too many were waiting for their job.
+    pub cancels_forgotten: AtomicU64,
 }
 
 /// Shared state of the job pipeline.
@@ -52,6 +75,10 @@ pub struct Executor {
     blob_dir: PathBuf,
     running_dir: PathBuf,
     slots: Semaphore,
+    /// Jobs running now, by job id, with what stops them.
+    running: Mutex<HashMap<String, CancellationToken>>,
+    /// Cancel requests for jobs not running (yet), by job id, with when they came.
+    cancelled: Mutex<HashMap<String, u64>>,
     /// Counters.
     pub stats: Stats,
 }
@@ -82,6 +109,8 @@ impl Executor {
             outbox,
             blob_dir,
             running_dir,
+            running: Mutex::new(HashMap::new()),
+            cancelled: Mutex::new(HashMap::new()),
             stats: Stats::default(),
         }))
     }
@@ -135,7 +164,54 @@ impl Executor {
                 ) {
                     tracing::warn!(job.id = %env.job_id, error = %e, "cannot record the running job; a crash now would go unreported");
                 }
-                match self.execute(&env, &mut job).instrument(span).await {
+                let seq = Arc::new(AtomicU64::new(0));
+                self.progress(&env, &seq, ProgressEvent::Started).await;
+                let stop = CancellationToken::new();
+                let already = self.lock_cancelled().remove(&env.job_id).is_some();
+                if already {
+                    stop.cancel();
+                } else {
+                    self.lock_running().insert(env.job_id.clone(), stop.clone());
+                }
+                let (live, live_rx) = LiveSink::new(LIVE_CAPACITY);
+                let forwarder = tokio::spawn(forward_live(
+                    self.reporter(),
+                    env.clone(),
+                    seq,
+                    live_rx,
+                    self.config.clamp(env.limits).output_bytes,
+                ));
+                let outcome = tokio::select! {
+                    // Dropping the run kills every program it started, whole process
+                    // groups, before the result goes out.
+                    _ = stop.cancelled() => Err(Failure {
+                        kind: FailureKind::Cancelled,
+                        message: if already {
+                            "cancelled by the operator before it started".into()
+                        } else {
+                            "cancelled by the operator; the programs it started were killed".into()
+                        },
+                        retryable: false,
+                    }),
+                    r = self.execute(&env, &mut job, live).instrument(span) => r,
+                };
+                self.lock_running().remove(&env.job_id);
+                if matches!(&outcome, Err(f) if f.kind == FailureKind::Cancelled) {
+                    self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                    job.status = ResultStatus::Failed;
+                }
+                // Live output goes out before the result, so a follower sees it in order.
+                match tokio::time::timeout(Duration::from_secs(5), forwarder).await {
+                    Ok(Ok(dropped)) => {
+                        if dropped > 0 {
+                            self.stats
+                                .live_dropped
+                                .fetch_add(dropped, Ordering::Relaxed);
+                        }
+                    }
+                    _ => tracing::warn!(job.id = %env.job_id, "live output did not finish in time"),
+                }
+                match outcome {
                     Err(failure) => job.failure = Some(failure),
                     Ok(outcome) => {
                         job.timings.run_ms = outcome.run_time.as_millis() as u64;
@@ -286,9 +362,60 @@ impl Executor {
         self.publish(&r).await;
     }
 
-    /// Handles a cancel request from the control plane.
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_cancelled(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.cancelled.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Handles a cancel request from the control plane: a running job is stopped, with
+    /// every program it started; a job not started yet never starts.
     pub fn cancel(&self, payload: &[u8]) {
-        let _ = payload;
+        let keyset = self.state.keyset();
+        let req = serde_json::from_slice::<Signed<CancelRequest>>(payload)
+            .map_err(|e| format!("not valid JSON: {e}"))
+            .and_then(|s| s.verify(&keyset.control_plane).map_err(|e| e.to_string()));
+        let req = match req {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("cancel request refused: {e}");
+                return;
+            }
+        };
+        if req.agent_id != self.config.id {
+            tracing::warn!(job.id = %req.job_id, to = %req.agent_id, "cancel request for another agent refused");
+            return;
+        }
+        if let Some(stop) = self.lock_running().get(&req.job_id) {
+            tracing::info!(job.id = %req.job_id, "cancelling job");
+            stop.cancel();
+            return;
+        }
+        let now = now_ms();
+        let mut waiting = self.lock_cancelled();
+        waiting.retain(|_, at| now.saturating_sub(*at) < CANCEL_MEMORY_MS);
+        if waiting.len() >= CANCEL_MEMORY_MAX {
+            let n = self.stats.cancels_forgotten.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(job.id = %req.job_id, forgotten_total = n, "too many cancel requests waiting; this one is not kept");
+            return;
+        }
+        tracing::info!(job.id = %req.job_id, "cancel request for a job not running; it will not start");
+        waiting.insert(req.job_id, now);
+    }
+
+    /// Publishes a signed progress report. Best effort: the result is what counts.
+    async fn progress(&self, env: &JobEnvelope, seq: &AtomicU64, event: ProgressEvent) {
+        self.reporter().send(env, seq, event).await
+    }
+
+    fn reporter(&self) -> Reporter {
+        Reporter {
+            link: self.link.clone(),
+            identity: self.identity.clone(),
+            agent_id: self.config.id.clone(),
+        }
     }
 
     /// Checks the envelope: encoding, signature, address, freshness, replay.
@@ -370,7 +497,12 @@ impl Executor {
 
     /// Verifies, fetches, loads and runs the plugin. Fills `job` (the plugin's name and
     /// version, timings) as it learns them; an `Err` means nothing ran.
-    async fn execute(&self, env: &JobEnvelope, job: &mut JobResult) -> Result<RunOutcome, Failure> {
+    async fn execute(
+        &self,
+        env: &JobEnvelope,
+        job: &mut JobResult,
+        live: LiveSink,
+    ) -> Result<RunOutcome, Failure> {
         let refuse = |kind, message: String| Failure {
             kind,
             message,
@@ -537,10 +669,103 @@ impl Executor {
             input: &env.input,
             parameters: &parameters,
             grant: &grant,
-            live: None,
+            live: Some(live),
         };
         Ok(self.runtime.run(&plugin, &req).await)
     }
+}
+
+/// Sends signed progress reports for one agent.
+struct Reporter {
+    link: LinkHandle,
+    identity: Arc<Identity>,
+    agent_id: String,
+}
+
+impl Reporter {
+    async fn send(&self, env: &JobEnvelope, seq: &AtomicU64, event: ProgressEvent) {
+        let p = Progress {
+            job_id: env.job_id.clone(),
+            agent_id: self.agent_id.clone(),
+            attempt: env.attempt,
+            seq: seq.fetch_add(1, Ordering::Relaxed),
+            at_ms: now_ms(),
+            event,
+        };
+        let body = serde_json::to_vec(&Signed::sign(&p, &self.identity.signing))
+            .expect("progress reports serialise");
+        if let Err(e) = self
+            .link
+            .publish(topics::up(&self.agent_id, Up::Progress), body, false)
+            .await
+        {
+            tracing::debug!(job.id = %env.job_id, error = %e, "progress not sent");
+        }
+    }
+}
+
+/// Sends live output as progress reports, gathered into pieces of up to [`LIVE_BATCH`]
+/// bytes, until the run ends. Forwards at most `cap` bytes per stream; returns how many
+/// bytes it dropped.
+async fn forward_live(
+    reporter: Reporter,
+    env: JobEnvelope,
+    seq: Arc<AtomicU64>,
+    mut rx: mpsc::Receiver<LiveChunk>,
+    cap: u64,
+) -> u64 {
+    let mut sent = [0u64; 2];
+    let mut dropped = 0u64;
+    let mut tails: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+    let mut closed = false;
+    while !closed {
+        let Some(first) = rx.recv().await else { break };
+        let mut batch = vec![first];
+        let flush_at = tokio::time::Instant::now() + LIVE_LINGER;
+        while batch.iter().map(|c| c.data.len()).sum::<usize>() < LIVE_BATCH {
+            match tokio::time::timeout_at(flush_at, rx.recv()).await {
+                Ok(Some(c)) => batch.push(c),
+                Ok(None) => {
+                    closed = true;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        for (i, stream) in [StreamName::Stdout, StreamName::Stderr]
+            .into_iter()
+            .enumerate()
+        {
+            let mut bytes = std::mem::take(&mut tails[i]);
+            for c in batch.iter().filter(|c| c.stream == stream) {
+                bytes.extend_from_slice(&c.data);
+            }
+            if bytes.is_empty() {
+                continue;
+            }
+            let room = cap.saturating_sub(sent[i]) as usize;
+            if bytes.len() > room {
+                dropped += (bytes.len() - room) as u64;
+                bytes.truncate(room);
+            }
+            // A piece that ends inside a UTF-8 sequence keeps the rest for the next one.
+            if !closed
+                && let Err(e) = std::str::from_utf8(&bytes)
+                && e.error_len().is_none()
+            {
+                tails[i] = bytes.split_off(e.valid_up_to());
+            }
+            if bytes.is_empty() {
+                continue;
+            }
+            sent[i] += bytes.len() as u64;
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            reporter
+                .send(&env, &seq, ProgressEvent::Output { stream, text })
+                .await;
+        }
+    }
+    dropped
 }
 
 /// Checks a blob against its manifest's length and digest.

@@ -667,16 +667,18 @@ impl Runtime {
     }
 }
 
-/// Most bytes of JSON a plugin may return: twice `output_bytes`, plus 64 KiB.
+/// Most bytes of JSON a plugin may return: twelve times `output_bytes`, plus 64 KiB.
 ///
 /// A program's stdout and stderr are each kept up to `output_bytes`; a plugin that
 /// returns both, as text in a JSON document with a few fields around them (the command
-/// plugin does), needs room for two full streams and the rest. Output that JSON escapes
-/// heavily (control characters) can still go over, and is refused as too large.
+/// plugin does), needs room for two full streams, escaped: JSON writes a control byte
+/// as six (`\u0000`), so binary output grows up to six times. With the agent's default
+/// output ceiling of 1 MiB that is at most 12 MiB, under the 16 MiB the agent and the
+/// server accept per message.
 pub fn returned_output_limit(limits: &Limits) -> u64 {
     limits
         .output_bytes
-        .saturating_mul(2)
+        .saturating_mul(12)
         .saturating_add(64 << 10)
 }
 
@@ -944,6 +946,8 @@ mod tests {
             output_bytes: 1 << 20,
             ..Limits::default()
         };
-        assert_eq!(returned_output_limit(&limits), (2 << 20) + (64 << 10));
+        assert_eq!(returned_output_limit(&limits), (12 << 20) + (64 << 10));
+        // The worst case of the ceiling still fits in one message.
+        assert!(returned_output_limit(&limits) < crate::agent::MAX_OUTGOING as u64);
     }
 }

@@ -15,12 +15,12 @@ use drover_protocol::job::{
     CancelRequest, JobEnvelope, JobResult, Limits, Parameter, Progress, ProgressEvent, ResultAck,
     StreamName,
 };
-use drover_protocol::manifest::Manifest;
-use drover_protocol::secret::SealedBox;
 use drover_protocol::keys::SigningKey;
 use drover_protocol::keyset::KeySet;
 use drover_protocol::link::{Incoming, LinkHandle};
+use drover_protocol::manifest::Manifest;
 use drover_protocol::now_ms;
+use drover_protocol::secret::SealedBox;
 use drover_protocol::signed::{Signable, Signed};
 use drover_protocol::topics::{self, Down, Up};
 use serde::{Deserialize, Serialize};
@@ -349,10 +349,9 @@ impl ControlPlane {
             };
             let mut restored = Vec::new();
             for t in store.targets(&job.id)? {
-                let mut state = if t.result.is_some() && !t.state.is_final() {
-                    crate::rollout::state_of(t.result.as_ref().expect("checked")).0
-                } else {
-                    t.state
+                let mut state = match &t.result {
+                    Some(r) if !t.state.is_final() => crate::rollout::state_of(r).0,
+                    _ => t.state,
                 };
                 // Secret values are not kept: targets not yet sent cannot get them now.
                 if state == TargetState::Pending && !row.spec.secret_names.is_empty() {
@@ -935,11 +934,7 @@ impl ControlPlane {
                             .rollouts()
                             .get_mut(&result.job_id)
                             .map(|a| a.rollout.finished(agent, state, now));
-                        self.emit(
-                            &result.job_id,
-                            agent,
-                            LiveWhat::State { state, detail },
-                        );
+                        self.emit(&result.job_id, agent, LiveWhat::State { state, detail });
                         if let Some(actions) = actions {
                             self.apply(&result.job_id, actions).await;
                             let done = self

@@ -4,6 +4,7 @@
 mod attacks;
 mod broker_acl;
 mod capabilities;
+mod commands;
 mod faults;
 mod support;
 

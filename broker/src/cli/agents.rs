@@ -53,8 +53,12 @@ pub struct AddArgs {
     #[arg(long)]
     deny_host_facts: bool,
     /// A program plugins may be granted to run (exact absolute path, policy); repeatable.
+    /// `*` allows any program: what the command runner (`drover run-command`) needs.
     #[arg(long = "allow-exec", value_name = "PATH")]
     allow_exec: Vec<String>,
+    /// A user commands may run as (the agent must run as root); repeatable.
+    #[arg(long = "allow-run-as", value_name = "USER")]
+    allow_run_as: Vec<String>,
     /// A HOST:PORT plugins may be granted TCP connections to (policy); repeatable.
     #[arg(long = "allow-network", value_name = "HOST:PORT")]
     allow_network: Vec<String>,
@@ -159,10 +163,15 @@ fn toml_str(s: &str) -> String {
 fn add(ctx: &Ctx, a: AddArgs) -> anyhow::Result<i32> {
     // Checked before anything is minted: the agent would refuse to start with them.
     for p in &a.allow_exec {
-        if !drover_protocol::manifest::is_clean_absolute(p) {
+        if p != "*" && !drover_protocol::manifest::is_clean_absolute(p) {
             anyhow::bail!(
-                "--allow-exec {p:?}: give a program's absolute path, without '.', '..' or '//'"
+                "--allow-exec {p:?}: give a program's absolute path, without '.', '..' or '//', or *"
             );
+        }
+    }
+    for u in &a.allow_run_as {
+        if u.is_empty() || u.contains(['/', ':', '\0']) {
+            anyhow::bail!("--allow-run-as {u:?}: give a user name");
         }
     }
     for n in &a.allow_network {
@@ -235,6 +244,8 @@ fn add(ctx: &Ctx, a: AddArgs) -> anyhow::Result<i32> {
     text.push_str(&format!("read_paths = [{}]\n", paths.join(", ")));
     let programs: Vec<String> = a.allow_exec.iter().map(|p| toml_str(p)).collect();
     text.push_str(&format!("exec = [{}]\n", programs.join(", ")));
+    let users: Vec<String> = a.allow_run_as.iter().map(|u| toml_str(u)).collect();
+    text.push_str(&format!("run_as = [{}]\n", users.join(", ")));
     let addrs: Vec<String> = a.allow_network.iter().map(|n| toml_str(n)).collect();
     text.push_str(&format!("network = [{}]\n", addrs.join(", ")));
     drover_protocol::keys::write_private(&a.out, text.as_bytes())
