@@ -91,10 +91,7 @@ impl Client {
             .with_context(|| format!("{what}: cannot reach the server at {}", self.base))?;
         if !resp.status().is_success() {
             let status = resp.status().as_u16();
-            let text = resp
-                .into_body()
-                .read_to_string()
-                .unwrap_or_default();
+            let text = resp.into_body().read_to_string().unwrap_or_default();
             bail!("{what}: {} (HTTP {status})", text.trim());
         }
         let reader = std::io::BufReader::new(resp.into_body().into_reader());

@@ -216,10 +216,7 @@ mod tests {
         assert_eq!(job.input["argv"], serde_json::json!(["uname", "-a"]));
         assert_eq!(job.input["env"]["A"], "1");
         assert_eq!(job.output_kib, Some(1024));
-        assert_eq!(
-            job.rate.unwrap().max_concurrency.as_deref(),
-            Some("10%")
-        );
+        assert_eq!(job.rate.unwrap().max_concurrency.as_deref(), Some("10%"));
         let job = CommandRequest {
             targets: "all".into(),
             script: Some("echo hi | wc -c".into()),

@@ -355,11 +355,7 @@ impl Rollout {
         if let Some(&i) = self.index.get(agent) {
             self.targets[i].online = online;
         }
-        if online {
-            self.tick(now)
-        } else {
-            Vec::new()
-        }
+        if online { self.tick(now) } else { Vec::new() }
     }
 
     /// The agent said it started.
@@ -739,7 +735,11 @@ mod tests {
                 }
             };
             let (waves, r) = drive(c.policy, c.n, fail);
-            let count = |s| (0..c.n).filter(|i| r.state(&format!("a{i:02}")) == Some(s)).count();
+            let count = |s| {
+                (0..c.n)
+                    .filter(|i| r.state(&format!("a{i:02}")) == Some(s))
+                    .count()
+            };
             assert_eq!(waves[0].len(), c.first_wave, "{}: first wave", c.name);
             assert_eq!(count(Success), c.success, "{}: success", c.name);
             assert_eq!(count(Failed), c.failed, "{}: failed", c.name);
@@ -758,7 +758,9 @@ mod tests {
     #[test]
     fn exponential_ramp_doubles_when_waves_complete() {
         let ids = agents(20);
-        let mut r = Rollout::new(policy(Some("6"), None, Ramp::Exponential), 0, &ids, |_| true);
+        let mut r = Rollout::new(policy(Some("6"), None, Ramp::Exponential), 0, &ids, |_| {
+            true
+        });
         let mut wave = dispatched(&r.start(0));
         let mut sizes = Vec::new();
         while !wave.is_empty() {
@@ -807,8 +809,14 @@ mod tests {
             a == "a02" || a == "a03"
         });
         assert_eq!(dispatched(&r.start(0)), ["a02", "a03"]);
-        assert!(dispatched(&r.set_online("a00", true, 1)).is_empty(), "no slot free");
-        assert_eq!(dispatched(&r.finished("a02", TargetState::Success, 2)), ["a00"]);
+        assert!(
+            dispatched(&r.set_online("a00", true, 1)).is_empty(),
+            "no slot free"
+        );
+        assert_eq!(
+            dispatched(&r.finished("a02", TargetState::Success, 2)),
+            ["a00"]
+        );
     }
 
     #[test]

@@ -782,7 +782,11 @@ impl Store {
     pub fn create_rollout(&self, r: &RolloutRow) -> anyhow::Result<()> {
         self.conn().execute(
             "INSERT INTO rollouts (job_id, spec, created_ms) VALUES (?1, ?2, ?3)",
-            params![r.job_id, serde_json::to_string(&r.spec)?, to_i64(r.created_ms)],
+            params![
+                r.job_id,
+                serde_json::to_string(&r.spec)?,
+                to_i64(r.created_ms)
+            ],
         )?;
         Ok(())
     }

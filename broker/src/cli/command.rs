@@ -232,11 +232,7 @@ pub fn run_command(ctx: &Ctx, a: RunCommandArgs) -> anyhow::Result<i32> {
 fn exit_code(view: &JobView) -> i32 {
     if view.finished() < view.targets.len() {
         EXIT_TIMEOUT
-    } else if view
-        .targets
-        .iter()
-        .all(|t| t.state == TargetState::Success)
-    {
+    } else if view.targets.iter().all(|t| t.state == TargetState::Success) {
         EXIT_OK
     } else {
         EXIT_FAILED

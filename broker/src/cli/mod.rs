@@ -12,10 +12,10 @@ mod activation;
 mod agents;
 mod audit;
 mod broker;
+mod command;
 mod keygen;
 mod keyset;
 mod plugin;
-mod command;
 mod run;
 mod serve;
 
