@@ -56,7 +56,9 @@ drover plugin sign "$demo/command.wasm" --name command --version 1 --world task 
 drover plugin publish "$demo/command.wasm"
 
 say "==> starting a local agent"
-drover agents add local --out "$demo/agent.toml" --agent-data-dir "$demo/agent" --tag env=demo
+# `--allow-exec '*'` lets this demo agent run commands (as the user running this script).
+drover agents add local --out "$demo/agent.toml" --agent-data-dir "$demo/agent" --tag env=demo \
+    --allow-exec '*'
 "$bin/drover-agent" --config "$demo/agent.toml" >"$demo/agent.log" 2>&1 &
 echo $! >>"$demo/pids"
 for _ in $(seq 100); do
@@ -76,6 +78,9 @@ drover run inventory --targets tag:env=demo >/dev/null 2>&1
 end=$(date +%s%N)
 say "==> a second run, with the compiled plugin cached: $(( (end - start) / 1000000 )) ms end to end through the CLI"
 
+say "==> a command on every agent, its output followed live"
+drover run-command --targets all --follow --script 'uname -sr; uptime'
+
 pids=$(tr '\n' ' ' <"$demo/pids")
 cat >&2 <<TXT
 
@@ -86,6 +91,9 @@ Where to look next (the server and agent are still running):
   $bin/drover run inventory --targets all --output json      # the full inventory
   $bin/drover run misbehave --targets local --timeout 2s --input '{"mode":"spin"}'
                                                   # a runaway plugin, stopped at its deadline
+  $bin/drover run-command --targets all --max-concurrency 10% --max-errors 1 -- df -h /
+  $bin/drover command list                        # recent commands and jobs, state counts
+  $bin/drover command show ID                     # per-target state, exit code, output
   $bin/drover agents events                       # refusals and other agent reports
   logs: $demo/server.log  $demo/agent.log
   stop: kill $pids
