@@ -341,21 +341,12 @@ fn rate_control_holds_in_the_servers_records() {
     );
     assert_eq!(code, 0, "{err}");
     assert_eq!(view["counts"]["success"], 6);
-    let mut edges: Vec<(u64, i32)> = Vec::new();
     for t in view["targets"].as_array().unwrap() {
         let sent = t["dispatched_ms"].as_u64().expect("dispatched_ms");
         let done = t["finished_ms"].as_u64().expect("finished_ms");
         assert!(done >= sent);
-        edges.push((sent, 1));
-        edges.push((done, -1));
     }
-    // Ends sort before starts at the same millisecond: a slot freed and reused at once.
-    edges.sort();
-    let (mut now, mut peak) = (0i32, 0i32);
-    for (_, d) in edges {
-        now += d;
-        peak = peak.max(now);
-    }
+    let peak = peak_in_flight(&view);
     assert_eq!(peak, 2, "in flight at most 2, and 2 were used");
 
     // Every target fails; one error is tolerated, so two run and four never start.
@@ -474,4 +465,63 @@ fn run_as_needs_the_policy_and_drops_to_that_user() {
         let why = t["result"]["failure"]["message"].as_str().unwrap_or("");
         assert!(why.contains("root"), "{t:#}");
     }
+}
+
+/// The most targets in flight at once, from the server's records of when each was sent
+/// and finished. Ends sort before starts at the same millisecond: a slot freed and
+/// reused at once.
+fn peak_in_flight(view: &Value) -> i32 {
+    let mut edges: Vec<(u64, i32)> = Vec::new();
+    for t in view["targets"].as_array().unwrap() {
+        if let (Some(sent), Some(done)) = (t["dispatched_ms"].as_u64(), t["finished_ms"].as_u64()) {
+            edges.push((sent, 1));
+            edges.push((done, -1));
+        }
+    }
+    edges.sort();
+    let (mut now, mut peak) = (0, 0);
+    for (_, d) in edges {
+        now += d;
+        peak = peak.max(now);
+    }
+    peak
+}
+
+#[test]
+fn a_restarted_server_carries_on_with_a_rate_controlled_command() {
+    // Fixed ports, so the agents find the server again.
+    let (api, mqtt) = (free_port(), free_port());
+    let (api_s, mqtt_s) = (format!("127.0.0.1:{api}"), format!("127.0.0.1:{mqtt}"));
+    let mut server = Server::start_with(&["--api-listen", &api_s, "--mqtt-listen", &mqtt_s]);
+    publish_command(&server);
+    let ids: Vec<String> = (0..3).map(|i| format!("resume-{i}")).collect();
+    let _agents: Vec<Agent> = ids
+        .iter()
+        .map(|id| command_agent(&server, id, &["--tag", "group=resume"]))
+        .collect();
+    let out = server.cli(&[
+        "run-command",
+        "-t",
+        "tag:group=resume",
+        "--no-wait",
+        "--max-concurrency",
+        "1",
+        "--script",
+        "sleep 1; echo ok",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_string();
+    wait_for(Duration::from_secs(20), "first target in progress", || {
+        (show(&server, &id)["counts"]["in_progress"] == 1).then_some(())
+    });
+    server.stop();
+    server.restart();
+    let view = wait_for(Duration::from_secs(60), "all targets done", || {
+        let v = show(&server, &id);
+        (v["counts"]["success"] == 3).then_some(v)
+    });
+    for t in view["targets"].as_array().unwrap() {
+        assert_eq!(output(t)["stdout"]["text"], "ok\n", "{t:#}");
+    }
+    assert_eq!(peak_in_flight(&view), 1, "{view:#}");
 }
