@@ -317,6 +317,12 @@ impl Executor {
                 let _ = std::fs::remove_file(&path);
                 continue;
             };
+            if self.outbox.holds(&job_id, attempt) {
+                // It finished and its result is safe: the agent died just after.
+                tracing::info!(job.id = %job_id, attempt, "job finished before the agent stopped; its result is in the outbox");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
             let plugin: (String, u64) = std::fs::read(&path)
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok())

@@ -119,6 +119,19 @@ fn key_of(payload: &[u8]) -> Option<(String, u32)> {
     Some((i.job_id, i.attempt))
 }
 
+/// Whether the fault tests asked this process to crash at `point`, through the
+/// `DROVER_TEST_CRASH` variable. Debug builds only: release builds have no such hook.
+#[cfg(debug_assertions)]
+pub fn crash_point(point: &str) -> bool {
+    std::env::var("DROVER_TEST_CRASH").is_ok_and(|v| v == point)
+}
+
+/// Release builds never crash on purpose.
+#[cfg(not(debug_assertions))]
+pub fn crash_point(_point: &str) -> bool {
+    false
+}
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
@@ -190,6 +203,13 @@ impl Outbox {
         })
     }
 
+    /// Whether a result for this job and attempt is waiting in the outbox.
+    pub fn holds(&self, job_id: &str, attempt: u32) -> bool {
+        let g = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        g.1.values()
+            .any(|e| e.job_id == job_id && e.attempt == attempt)
+    }
+
     fn path(&self, seq: u64) -> PathBuf {
         self.dir.join(format!("{seq:016}.res"))
     }
@@ -207,10 +227,20 @@ impl Outbox {
         let write = || -> std::io::Result<()> {
             use std::io::Write as _;
             let mut f = std::fs::File::create(&tmp)?;
+            if crash_point("outbox-mid-write") {
+                // Half a record on disk, then the process dies: a torn write.
+                f.write_all(&bytes[..bytes.len() / 2])?;
+                f.sync_all()?;
+                std::process::abort();
+            }
             f.write_all(&bytes)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)?;
-            sync_dir(&self.dir)
+            sync_dir(&self.dir)?;
+            if crash_point("outbox-after-write") {
+                std::process::abort();
+            }
+            Ok(())
         };
         if let Err(e) = write() {
             let _ = std::fs::remove_file(&tmp);

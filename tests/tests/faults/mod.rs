@@ -116,6 +116,72 @@ fn across_an_outage(
     );
 }
 
+/// Crashes the agent at `point` in its first outbox write (a debug-build hook), starts
+/// it again, and returns the one result the server stored.
+fn crash_in_outbox(point: &str, id: &str) -> (Server, Agent, String, Value) {
+    let server = Server::start();
+    publish_misbehave(&server);
+    let cfg = server.add_agent(id, &[]);
+    let mut agent = Agent::start(id, &cfg, server.dir.path());
+    server.wait_online(id);
+    agent.stop();
+    agent.env = vec![("DROVER_TEST_CRASH".into(), point.into())];
+    agent.restart();
+    server.wait_online(id);
+    let job = submit(&server, id, r#"{"mode":"echo","value":"kept"}"#, "30s");
+    assert!(
+        agent.wait_exit(Duration::from_secs(30)),
+        "the agent did not crash at {point}"
+    );
+    agent.env.clear();
+    agent.restart();
+    let r = job_result(&server, &job, Duration::from_secs(60));
+    (server, agent, job, r)
+}
+
+#[test]
+fn kill_mid_outbox_write_the_torn_record_is_discarded_and_the_job_reported_interrupted() {
+    let (server, agent, job, r) = crash_in_outbox("outbox-mid-write", "torn-1");
+    assert_eq!(r["status"], "failed", "{r:#}");
+    assert_eq!(failure_kind(&r), "interrupted", "{r:#}");
+    let log = agent.log_text();
+    assert!(
+        log.contains("discarding an outbox write cut short by a crash"),
+        "{log}"
+    );
+    // Nothing torn is left behind, and the interrupted report itself was acknowledged.
+    let outbox = agent.data_dir.join("outbox");
+    wait_for(Duration::from_secs(20), "the outbox to empty", || {
+        (files_in(&outbox) == 0).then_some(())
+    });
+    let events = server.json(&["agents", "events", "--agent", "torn-1"]);
+    assert!(
+        !events.to_string().contains(&job),
+        "the job appears in events (a second report?): {events:#}"
+    );
+}
+
+#[test]
+fn kill_right_after_an_outbox_write_the_stored_result_wins() {
+    let (server, agent, job, r) = crash_in_outbox("outbox-after-write", "synced-1");
+    // The result was safe on disk; the restart sends it, and does not call the job
+    // interrupted.
+    assert_eq!(r["status"], "succeeded", "{r:#}");
+    assert_eq!(r["output"]["echo"]["value"], "kept", "{r:#}");
+    let log = agent.log_text();
+    assert!(
+        log.contains("its result is in the outbox")
+            && !log.contains("interrupted by an agent stop"),
+        "{log}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let events = server.json(&["agents", "events", "--agent", "synced-1"]);
+    assert!(
+        !events.to_string().contains(&job),
+        "a second report for the job: {events:#}"
+    );
+}
+
 #[test]
 fn results_wait_in_the_outbox_while_the_server_and_its_broker_are_down() {
     let (api, mqtt) = (free_port(), free_port());

@@ -379,6 +379,8 @@ pub struct Agent {
     pub log: PathBuf,
     pub data_dir: PathBuf,
     config: PathBuf,
+    /// Extra environment for the next (re)start.
+    pub env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -390,6 +392,7 @@ impl Agent {
             log: dir.join(format!("agent-{id}.log")),
             data_dir: dir.join(format!("agent-{id}")),
             config: config.to_path_buf(),
+            env: Vec::new(),
         };
         a.restart();
         a
@@ -408,6 +411,7 @@ impl Agent {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .env("DROVER_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -419,6 +423,19 @@ impl Agent {
     /// The agent's log so far.
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit on its own (a crash); returns whether it did.
+    pub fn wait_exit(&mut self, within: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if !self.is_running() {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     /// Whether the process is still running.
