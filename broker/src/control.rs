@@ -197,7 +197,9 @@ struct Shared {
     keyset: std::sync::RwLock<Signed<KeySet>>,
     results: watch::Sender<u64>,
     live: broadcast::Sender<LiveEvent>,
-    rollouts: Mutex<HashMap<String, Active>>,
+    /// By job id, which sorts by creation time: an agent that comes back gets its jobs
+    /// in the order they were made.
+    rollouts: Mutex<BTreeMap<String, Active>>,
 }
 
 /// How often deadlines of rate-controlled jobs are checked.
@@ -284,7 +286,7 @@ impl ControlPlane {
                 keyset: std::sync::RwLock::new(keyset),
                 results,
                 live,
-                rollouts: Mutex::new(HashMap::new()),
+                rollouts: Mutex::new(BTreeMap::new()),
             }),
         };
         if let Err(e) = cp.restore_rollouts() {
@@ -323,7 +325,7 @@ impl ControlPlane {
         });
     }
 
-    fn rollouts(&self) -> std::sync::MutexGuard<'_, HashMap<String, Active>> {
+    fn rollouts(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Active>> {
         self.shared
             .rollouts
             .lock()

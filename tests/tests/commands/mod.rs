@@ -525,3 +525,58 @@ fn a_restarted_server_carries_on_with_a_rate_controlled_command() {
     }
     assert_eq!(peak_in_flight(&view), 1, "{view:#}");
 }
+
+/// Work queued for an agent that is away arrives when it is back, in the order it was
+/// made, each result once.
+#[test]
+fn commands_queued_for_an_absent_agent_run_in_order_when_it_returns() {
+    let server = Server::start();
+    publish_command(&server);
+    let cfg = server.add_agent("later-1", &["--allow-exec", "*"]);
+    prepend_config(&cfg, "max_concurrent_jobs = 1");
+    let mut agent = Agent::start("later-1", &cfg, server.dir.path());
+    server.wait_online("later-1");
+    agent.stop();
+    wait_for(Duration::from_secs(15), "agent offline", || {
+        server.agent_row("later-1").filter(|a| a["online"] == false)
+    });
+    let ids: Vec<String> = (0..5)
+        .map(|i| {
+            let out = server.cli(&[
+                "run-command",
+                "-t",
+                "later-1",
+                "--no-wait",
+                "--script",
+                &format!("echo {i}; date +%s%N"),
+            ]);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            text(&out.stdout).trim().to_string()
+        })
+        .collect();
+    // Away for a while: longer than the agent's first reconnect backoffs.
+    std::thread::sleep(Duration::from_secs(4));
+    for id in &ids {
+        assert_eq!(target(&show(&server, id), "later-1")["state"], "pending");
+    }
+    agent.restart();
+    let mut ran_at = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let v = wait_for(Duration::from_secs(60), "command done", || {
+            let v = show(&server, id);
+            (target(&v, "later-1")["state"] == "success").then_some(v)
+        });
+        let t = target(&v, "later-1");
+        let stdout = output(t)["stdout"]["text"].as_str().unwrap().to_string();
+        let mut lines = stdout.lines();
+        assert_eq!(lines.next(), Some(i.to_string().as_str()), "{stdout:?}");
+        let ns: u128 = lines.next().unwrap().parse().unwrap();
+        ran_at.push((ns, t["finished_ms"].as_u64().unwrap()));
+    }
+    assert!(
+        ran_at
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
+        "not in order: {ran_at:?}"
+    );
+}
