@@ -164,6 +164,8 @@ impl Server {
     /// Starts the server again with the same flags and data (after [`Server::stop`]).
     /// Give it fixed `--api-listen` and `--mqtt-listen` ports if agents must find it.
     pub fn restart(&mut self) {
+        // A server still running would hold the data directory and leak.
+        self.stop();
         let args = std::mem::take(&mut self.args);
         let s = std::mem::replace(
             self,
