@@ -37,6 +37,8 @@ const CLOCK_SKEW_MS: u64 = 60_000;
 const LIVE_CAPACITY: usize = 256;
 /// Largest piece of live output in one progress message.
 const LIVE_BATCH: usize = 32 << 10;
+/// Largest text in one live-output message, so that followers' backlogs stay small.
+const LIVE_PIECE: usize = 16 << 10;
 /// How long live output gathers before it goes out.
 const LIVE_LINGER: Duration = Duration::from_millis(50);
 /// How long cancel requests for jobs not (yet) seen are remembered.
@@ -61,6 +63,17 @@ pub struct Stats {
     pub live_dropped: AtomicU64,
     /// Cancel requests forgotten because too many were waiting for their job.
     pub cancels_forgotten: AtomicU64,
+    /// Refusals of envelopes that could not be authenticated: sent once, not kept.
+    pub unauthenticated_refusals: AtomicU64,
+}
+
+/// Jobs running now, and cancel requests for jobs that are not (yet).
+#[derive(Default)]
+struct Jobs {
+    /// By job id, with what stops it.
+    running: HashMap<String, CancellationToken>,
+    /// By job id, with when the request came.
+    cancelled: HashMap<String, u64>,
 }
 
 /// Shared state of the job pipeline.
@@ -75,10 +88,11 @@ pub struct Executor {
     blob_dir: PathBuf,
     running_dir: PathBuf,
     slots: Semaphore,
-    /// Jobs running now, by job id, with what stops them.
-    running: Mutex<HashMap<String, CancellationToken>>,
-    /// Cancel requests for jobs not running (yet), by job id, with when they came.
-    cancelled: Mutex<HashMap<String, u64>>,
+    /// Running jobs and cancel requests, under one lock so a cancel cannot fall
+    /// between them.
+    jobs: Mutex<Jobs>,
+    /// Progress reports not sent because the connection's queue was full.
+    progress_dropped: Arc<AtomicU64>,
     /// Counters.
     pub stats: Stats,
 }
@@ -109,8 +123,8 @@ impl Executor {
             outbox,
             blob_dir,
             running_dir,
-            running: Mutex::new(HashMap::new()),
-            cancelled: Mutex::new(HashMap::new()),
+            jobs: Mutex::new(Jobs::default()),
+            progress_dropped: Arc::default(),
             stats: Stats::default(),
         }))
     }
@@ -165,14 +179,18 @@ impl Executor {
                     tracing::warn!(job.id = %env.job_id, error = %e, "cannot record the running job; a crash now would go unreported");
                 }
                 let seq = Arc::new(AtomicU64::new(0));
-                self.progress(&env, &seq, ProgressEvent::Started).await;
+                self.progress(&env, &seq, ProgressEvent::Started);
                 let stop = CancellationToken::new();
-                let already = self.lock_cancelled().remove(&env.job_id).is_some();
-                if already {
-                    stop.cancel();
-                } else {
-                    self.lock_running().insert(env.job_id.clone(), stop.clone());
-                }
+                let already = {
+                    let mut jobs = self.lock_jobs();
+                    let already = jobs.cancelled.remove(&env.job_id).is_some();
+                    if already {
+                        stop.cancel();
+                    } else {
+                        jobs.running.insert(env.job_id.clone(), stop.clone());
+                    }
+                    already
+                };
                 let (live, live_rx) = LiveSink::new(LIVE_CAPACITY);
                 let forwarder = tokio::spawn(forward_live(
                     self.reporter(),
@@ -195,12 +213,13 @@ impl Executor {
                     }),
                     r = self.execute(&env, &mut job, live).instrument(span) => r,
                 };
-                self.lock_running().remove(&env.job_id);
+                self.lock_jobs().running.remove(&env.job_id);
                 if matches!(&outcome, Err(f) if f.kind == FailureKind::Cancelled) {
                     self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                     job.status = ResultStatus::Failed;
                 }
                 // Live output goes out before the result, so a follower sees it in order.
+                let abort = forwarder.abort_handle();
                 match tokio::time::timeout(Duration::from_secs(5), forwarder).await {
                     Ok(Ok(dropped)) => {
                         if dropped > 0 {
@@ -209,7 +228,10 @@ impl Executor {
                                 .fetch_add(dropped, Ordering::Relaxed);
                         }
                     }
-                    _ => tracing::warn!(job.id = %env.job_id, "live output did not finish in time"),
+                    _ => {
+                        abort.abort();
+                        tracing::warn!(job.id = %env.job_id, "live output did not finish in time; the rest is dropped");
+                    }
                 }
                 match outcome {
                     Err(failure) => job.failure = Some(failure),
@@ -273,6 +295,30 @@ impl Executor {
                 return;
             }
         };
+        // A refusal of an envelope that could not be authenticated (or was seen before)
+        // speaks for no job this agent took on: anyone on the path can provoke one, with
+        // any job id. Sent once for the record, it never enters the outbox, where it
+        // would share the (job, attempt) key of a real result.
+        let unauthenticated = result.status == ResultStatus::Rejected
+            && result.failure.as_ref().is_some_and(|f| {
+                matches!(
+                    f.kind,
+                    FailureKind::BadEnvelope | FailureKind::Misaddressed | FailureKind::Replayed
+                )
+            });
+        if unauthenticated {
+            self.stats
+                .unauthenticated_refusals
+                .fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self
+                .link
+                .publish(topics::up(&self.config.id, Up::Result), body, false)
+                .await
+            {
+                tracing::warn!(job.id = %result.job_id, error = %e, "could not publish refusal");
+            }
+            return;
+        }
         match self.outbox.push(&result.job_id, result.attempt, &body) {
             Ok(()) => {}
             Err(e) => {
@@ -347,15 +393,29 @@ impl Executor {
     /// retryable refusal so the operator is not left waiting.
     pub async fn refuse_busy(&self, payload: &[u8]) {
         let n = self.stats.dropped_busy.fetch_add(1, Ordering::Relaxed) + 1;
-        let claimed = serde_json::from_slice::<Signed<JobEnvelope>>(payload)
-            .ok()
-            .and_then(|s| s.unverified().ok());
-        let (job_id, attempt) = claimed.map(|e| (e.job_id, e.attempt)).unwrap_or_default();
-        tracing::error!(job.id = %job_id, dropped_total = n, "job queue full; job refused");
+        // Only an envelope the control plane signed gets a durable answer; anything else
+        // is refused like any unverifiable envelope.
+        let env = match self.check_signature(payload) {
+            Ok(env) => env,
+            Err(refusal) => {
+                tracing::warn!(
+                    dropped_total = n,
+                    "job queue full, and the envelope does not verify"
+                );
+                self.publish(&refusal).await;
+                return;
+            }
+        };
+        if self.state.was_accepted(&env.job_id, env.attempt) {
+            // A redelivery of a job already taken on: its own result will answer.
+            tracing::info!(job.id = %env.job_id, "job queue full; a repeat of an accepted job dropped");
+            return;
+        }
+        tracing::error!(job.id = %env.job_id, dropped_total = n, "job queue full; job refused");
         let mut r = JobResult::refused(
-            &job_id,
+            &env.job_id,
             &self.config.id,
-            attempt,
+            env.attempt,
             FailureKind::AgentError,
             format!(
                 "agent is busy: its queue of {} jobs is full",
@@ -368,12 +428,35 @@ impl Executor {
         self.publish(&r).await;
     }
 
-    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    /// Parses and verifies an envelope's signature, nothing more.
+    fn check_signature(&self, payload: &[u8]) -> Result<JobEnvelope, Box<JobResult>> {
+        let me = &self.config.id;
+        let signed: Signed<JobEnvelope> = serde_json::from_slice(payload).map_err(|e| {
+            Box::new(JobResult::refused(
+                "",
+                me,
+                0,
+                FailureKind::BadEnvelope,
+                format!("job envelope is not valid JSON: {e}"),
+            ))
+        })?;
+        let claimed = signed.unverified().ok();
+        signed
+            .verify(&self.state.keyset().control_plane)
+            .map_err(|e| {
+                let (id, attempt) = claimed.map(|c| (c.job_id, c.attempt)).unwrap_or_default();
+                Box::new(JobResult::refused(
+                    &id,
+                    me,
+                    attempt,
+                    FailureKind::BadEnvelope,
+                    format!("job envelope refused: {e}"),
+                ))
+            })
     }
 
-    fn lock_cancelled(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
-        self.cancelled.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_jobs(&self) -> std::sync::MutexGuard<'_, Jobs> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Handles a cancel request from the control plane: a running job is stopped, with
@@ -394,26 +477,27 @@ impl Executor {
             tracing::warn!(job.id = %req.job_id, to = %req.agent_id, "cancel request for another agent refused");
             return;
         }
-        if let Some(stop) = self.lock_running().get(&req.job_id) {
+        let now = now_ms();
+        let mut jobs = self.lock_jobs();
+        if let Some(stop) = jobs.running.get(&req.job_id) {
             tracing::info!(job.id = %req.job_id, "cancelling job");
             stop.cancel();
             return;
         }
-        let now = now_ms();
-        let mut waiting = self.lock_cancelled();
-        waiting.retain(|_, at| now.saturating_sub(*at) < CANCEL_MEMORY_MS);
-        if waiting.len() >= CANCEL_MEMORY_MAX {
+        jobs.cancelled
+            .retain(|_, at| now.saturating_sub(*at) < CANCEL_MEMORY_MS);
+        if jobs.cancelled.len() >= CANCEL_MEMORY_MAX {
             let n = self.stats.cancels_forgotten.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::warn!(job.id = %req.job_id, forgotten_total = n, "too many cancel requests waiting; this one is not kept");
             return;
         }
         tracing::info!(job.id = %req.job_id, "cancel request for a job not running; it will not start");
-        waiting.insert(req.job_id, now);
+        jobs.cancelled.insert(req.job_id, now);
     }
 
     /// Publishes a signed progress report. Best effort: the result is what counts.
-    async fn progress(&self, env: &JobEnvelope, seq: &AtomicU64, event: ProgressEvent) {
-        self.reporter().send(env, seq, event).await
+    fn progress(&self, env: &JobEnvelope, seq: &AtomicU64, event: ProgressEvent) {
+        self.reporter().send(env, seq, event)
     }
 
     fn reporter(&self) -> Reporter {
@@ -421,6 +505,7 @@ impl Executor {
             link: self.link.clone(),
             identity: self.identity.clone(),
             agent_id: self.config.id.clone(),
+            dropped: self.progress_dropped.clone(),
         }
     }
 
@@ -686,10 +771,11 @@ struct Reporter {
     link: LinkHandle,
     identity: Arc<Identity>,
     agent_id: String,
+    dropped: Arc<AtomicU64>,
 }
 
 impl Reporter {
-    async fn send(&self, env: &JobEnvelope, seq: &AtomicU64, event: ProgressEvent) {
+    fn send(&self, env: &JobEnvelope, seq: &AtomicU64, event: ProgressEvent) {
         let p = Progress {
             job_id: env.job_id.clone(),
             agent_id: self.agent_id.clone(),
@@ -700,11 +786,12 @@ impl Reporter {
         };
         let body = serde_json::to_vec(&Signed::sign(&p, &self.identity.signing))
             .expect("progress reports serialise");
+        // Never waits: progress is a view, and must not hold up jobs or results.
         if let Err(e) = self
             .link
-            .publish(topics::up(&self.agent_id, Up::Progress), body, false)
-            .await
+            .try_publish(topics::up(&self.agent_id, Up::Progress), body)
         {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(job.id = %env.job_id, error = %e, "progress not sent");
         }
     }
@@ -766,12 +853,37 @@ async fn forward_live(
             }
             sent[i] += bytes.len() as u64;
             let text = String::from_utf8_lossy(&bytes).into_owned();
-            reporter
-                .send(&env, &seq, ProgressEvent::Output { stream, text })
-                .await;
+            for piece in split_text(&text, LIVE_PIECE) {
+                reporter.send(
+                    &env,
+                    &seq,
+                    ProgressEvent::Output {
+                        stream,
+                        text: piece.to_string(),
+                    },
+                );
+            }
         }
     }
     dropped
+}
+
+/// Splits `s` into pieces of at most `max` bytes, on character boundaries.
+fn split_text(s: &str, max: usize) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while rest.len() > max {
+        let mut end = max;
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.push(&rest[..end]);
+        rest = &rest[end..];
+    }
+    if !rest.is_empty() {
+        out.push(rest);
+    }
+    out
 }
 
 /// Checks a blob against its manifest's length and digest.

@@ -183,6 +183,13 @@ impl State {
         Ok(())
     }
 
+    /// Whether this envelope was accepted before (and is still remembered).
+    pub fn was_accepted(&self, job_id: &str, attempt: u32) -> bool {
+        self.lock()
+            .seen
+            .contains_key(&(job_id.to_string(), attempt))
+    }
+
     /// Refuses a plugin older than the newest installed, or the same version with a
     /// different digest.
     pub fn check_plugin(&self, name: &str, version: u64, sha256: &str) -> Result<(), String> {

@@ -180,6 +180,8 @@ async fn deregister_agent(
         None => false,
     };
     tracing::info!(agent.id = %id, disconnected, "agent deregistered");
+    // Its open targets will never be served: settled now, freeing their slots.
+    s.control.agent_deregistered(&id).await?;
     Ok(Json(Deregistered {
         id,
         embedded_broker: s.broker.is_some(),
@@ -350,9 +352,8 @@ async fn list_jobs(
     let store = s.control.store();
     let mut out = Vec::new();
     for job in store.jobs(q.limit.unwrap_or(20).min(1000))? {
-        let targets = store.targets(&job.id)?;
         out.push(JobSummary {
-            counts: crate::command::counts(&targets),
+            counts: store.state_counts(&job.id)?,
             rate_controlled: store.rollout(&job.id)?.is_some(),
             job,
         });
@@ -367,14 +368,17 @@ async fn live_job(State(s): State<ApiState>, Path(id): Path<String>) -> Result<R
     use tokio::sync::broadcast::error::RecvError;
     // Subscribed before the snapshot, so nothing falls between the two.
     let mut live = s.control.live();
-    let first = job_view(&s, &id)?;
+    let store = s.control.store().clone();
+    if store.job(&id)?.is_none() {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no job {id}")));
+    }
+    let first = store.target_states(&id)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<axum::body::Bytes>(256);
     let line = |e: &LiveEvent| {
         let mut v = serde_json::to_vec(e).unwrap_or_default();
         v.push(b'\n');
         axum::body::Bytes::from(v)
     };
-    let store = s.control.store().clone();
     tokio::spawn(async move {
         let ev = |agent: &str, what: LiveWhat| LiveEvent {
             job_id: id.clone(),
@@ -382,35 +386,36 @@ async fn live_job(State(s): State<ApiState>, Path(id): Path<String>) -> Result<R
             what,
         };
         let mut open: std::collections::HashSet<String> = std::collections::HashSet::new();
-        for t in &first.targets {
-            if !t.is_done() {
-                open.insert(t.agent_id.clone());
+        for (agent, state, detail, done) in first {
+            if !done {
+                open.insert(agent.clone());
             }
-            let e = ev(
-                &t.agent_id,
-                LiveWhat::State {
-                    state: t.state,
-                    detail: t.detail.clone(),
-                },
-            );
+            let e = ev(&agent, LiveWhat::State { state, detail });
             if tx.send(line(&e)).await.is_err() {
                 return;
             }
         }
         let recheck = |open: &mut std::collections::HashSet<String>| {
-            if let Ok(targets) = store.targets(&id) {
-                for t in targets {
-                    if t.is_done() {
-                        open.remove(&t.agent_id);
+            if let Ok(targets) = store.target_states(&id) {
+                for (agent, _, _, done) in targets {
+                    if done {
+                        open.remove(&agent);
                     }
                 }
             }
         };
+        // A fixed beat, whatever other jobs' events do: it rechecks the store and tells
+        // the follower the stream is alive, so it can keep its own deadline.
+        let mut beat = tokio::time::interval(Duration::from_secs(2));
+        beat.tick().await;
         while !open.is_empty() {
             let got = tokio::select! {
                 _ = tx.closed() => return,
-                _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                _ = beat.tick() => {
                     recheck(&mut open);
+                    if tx.send(line(&ev("", LiveWhat::Keepalive))).await.is_err() {
+                        return;
+                    }
                     continue;
                 }
                 got = live.recv() => got,
@@ -480,14 +485,18 @@ async fn get_job(
     let mut changed = s.control.results_changed();
     let deadline =
         tokio::time::Instant::now() + Duration::from_millis(q.wait_ms.unwrap_or(0).min(60_000));
+    let store = s.control.store();
+    if store.job(&id)?.is_none() {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no job {id}")));
+    }
     loop {
-        let view = job_view(&s, &id)?;
-        let done = view.finished();
-        if done == view.targets.len()
+        // Counting is cheap; the full view (with every output) is built once, at the end.
+        let (total, done) = store.progress_of(&id)?;
+        if done == total
             || done > q.done.unwrap_or(usize::MAX)
             || tokio::time::Instant::now() >= deadline
         {
-            return Ok(Json(view));
+            return Ok(Json(job_view(&s, &id)?));
         }
         if tokio::time::timeout_at(deadline, changed.changed())
             .await

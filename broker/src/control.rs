@@ -12,8 +12,8 @@ use drover_protocol::agent::{Hello, Presence};
 use drover_protocol::chunk::{self, ChunkHeader, FetchRequest};
 use drover_protocol::enroll::Heartbeat;
 use drover_protocol::job::{
-    CancelRequest, JobEnvelope, JobResult, Limits, Parameter, Progress, ProgressEvent, ResultAck,
-    StreamName,
+    CancelRequest, FailureKind, JobEnvelope, JobResult, Limits, Parameter, Progress, ProgressEvent,
+    ResultAck, StreamName,
 };
 use drover_protocol::keys::SigningKey;
 use drover_protocol::keyset::KeySet;
@@ -138,6 +138,8 @@ pub enum LiveWhat {
         /// How many.
         skipped: u64,
     },
+    /// Nothing new; sent every few seconds so a follower knows the stream is alive.
+    Keepalive,
     /// Every target is final; nothing more will come.
     End,
 }
@@ -207,6 +209,10 @@ const TICK: Duration = Duration::from_millis(250);
 
 /// Live events kept for slow followers before they skip ahead.
 const LIVE_BACKLOG: usize = 4096;
+
+/// Largest piece of live output accepted (agents send at most 16 KiB), which bounds the
+/// followers' backlog to about 256 MiB at worst.
+const MAX_LIVE_TEXT: usize = 64 << 10;
 
 /// The control plane handle; clones share state.
 #[derive(Clone)]
@@ -342,11 +348,25 @@ impl ControlPlane {
             .collect();
         let now = now_ms();
         for row in store.active_rollouts()? {
+            // A job that cannot be resumed is ended, with the reason on every target
+            // that was still open, rather than left open for ever.
+            let row = match row {
+                Ok(r) => r,
+                Err((job, why)) => {
+                    self.abandon(&job, &why, now)?;
+                    continue;
+                }
+            };
             let Some(job) = store.job(&row.job_id)? else {
+                self.abandon(&row.job_id, "the job is gone from the store", now)?;
                 continue;
             };
             let Some(plugin) = store.plugin(&job.plugin, Some(job.version))? else {
-                tracing::warn!(job.id = %job.id, plugin = %job.plugin, "plugin of a rate-controlled job is gone");
+                let why = format!(
+                    "plugin {} v{} is gone from the store",
+                    job.plugin, job.version
+                );
+                self.abandon(&job.id, &why, now)?;
                 continue;
             };
             let mut restored = Vec::new();
@@ -389,6 +409,19 @@ impl ControlPlane {
             );
         }
         Ok(())
+    }
+
+    /// Ends a rate-controlled job that cannot be resumed after a restart.
+    fn abandon(&self, job: &str, why: &str, now: u64) -> anyhow::Result<()> {
+        let store = &self.shared.store;
+        let why = format!("the server could not resume this job after a restart: {why}");
+        tracing::error!(job.id = %job, "{why}");
+        for (agent, _, _, done) in store.target_states(job)? {
+            if !done {
+                store.settle(job, &agent, TargetState::Failed, &why, now)?;
+            }
+        }
+        store.finish_rollout(job, now)
     }
 
     /// Applies deadlines to every rate-controlled job, and starts what they allow.
@@ -588,6 +621,32 @@ impl ControlPlane {
         Ok(outcome)
     }
 
+    fn spawn_agent_online(&self, agent: &str, online: bool) {
+        let (me, agent) = (self.clone(), agent.to_string());
+        tokio::spawn(async move { me.agent_online(&agent, online).await });
+    }
+
+    /// An agent was deregistered: it gets nothing more, and its targets that are not
+    /// final become undeliverable.
+    pub async fn agent_deregistered(&self, agent: &str) -> anyhow::Result<()> {
+        let now = now_ms();
+        for a in self.rollouts().values_mut() {
+            let _ = a.rollout.set_online(agent, false, now);
+        }
+        for job in self.shared.store.open_targets_of(agent)? {
+            self.settle(
+                &job,
+                agent,
+                TargetState::Undeliverable,
+                "the agent was deregistered",
+            );
+        }
+        self.shared.results.send_modify(|n| *n += 1);
+        // Slots it held are free now.
+        self.tick_rollouts().await;
+        Ok(())
+    }
+
     /// Tells rate-controlled jobs that an agent came online or went offline.
     async fn agent_online(&self, agent: &str, online: bool) {
         let now = now_ms();
@@ -711,51 +770,58 @@ impl ControlPlane {
                 sealing.insert(agent.clone(), key);
             }
         }
-        store.create_job(&job, &agents)?;
-        if let Some(rate) = &req.rate {
-            let policy = RatePolicy {
-                max_concurrency: rate
-                    .max_concurrency
-                    .as_deref()
-                    .map(Amount::parse)
-                    .transpose()
-                    .map_err(ControlError::BadRequest)?,
-                max_errors: rate
-                    .max_errors
-                    .as_deref()
-                    .map(Amount::parse)
-                    .transpose()
-                    .map_err(ControlError::BadRequest)?,
-                ramp: rate
-                    .ramp
-                    .as_deref()
-                    .map(Ramp::parse)
-                    .transpose()
-                    .map_err(ControlError::BadRequest)?
-                    .unwrap_or_default(),
-                delivery_timeout_ms: delivery * 1000,
-                run_timeout_ms: limits.timeout_ms,
-            };
-            if policy.max_concurrency == Some(Amount::Count(0))
-                || policy.max_concurrency == Some(Amount::Percent(0))
-            {
-                return Err(ControlError::BadRequest(
-                    "max-concurrency must be at least 1".into(),
-                ));
+        let rollout_row = match &req.rate {
+            None => None,
+            Some(rate) => {
+                let policy = RatePolicy {
+                    max_concurrency: rate
+                        .max_concurrency
+                        .as_deref()
+                        .map(Amount::parse)
+                        .transpose()
+                        .map_err(ControlError::BadRequest)?,
+                    max_errors: rate
+                        .max_errors
+                        .as_deref()
+                        .map(Amount::parse)
+                        .transpose()
+                        .map_err(ControlError::BadRequest)?,
+                    ramp: rate
+                        .ramp
+                        .as_deref()
+                        .map(Ramp::parse)
+                        .transpose()
+                        .map_err(ControlError::BadRequest)?
+                        .unwrap_or_default(),
+                    delivery_timeout_ms: delivery * 1000,
+                    run_timeout_ms: limits.timeout_ms,
+                };
+                if policy.max_concurrency == Some(Amount::Count(0))
+                    || policy.max_concurrency == Some(Amount::Percent(0))
+                {
+                    return Err(ControlError::BadRequest(
+                        "max-concurrency must be at least 1".into(),
+                    ));
+                }
+                let spec = RolloutSpec {
+                    policy,
+                    limits,
+                    parameters: req.parameters.clone(),
+                    secret_names: req.secrets.keys().cloned().collect(),
+                };
+                Some(RolloutRow {
+                    job_id: job.id.clone(),
+                    spec,
+                    created_ms: now,
+                    cancelled_ms: None,
+                    done_ms: None,
+                })
             }
-            let spec = RolloutSpec {
-                policy,
-                limits,
-                parameters: req.parameters.clone(),
-                secret_names: req.secrets.keys().cloned().collect(),
-            };
-            store.create_rollout(&RolloutRow {
-                job_id: job.id.clone(),
-                spec: spec.clone(),
-                created_ms: now,
-                cancelled_ms: None,
-                done_ms: None,
-            })?;
+        };
+        // The job, its targets and its rate control go in together, or not at all.
+        store.create_job(&job, &agents, rollout_row.as_ref())?;
+        if let Some(row) = rollout_row {
+            let policy = row.spec.policy;
             let online: HashMap<String, bool> = store
                 .agents()?
                 .into_iter()
@@ -877,7 +943,7 @@ impl ControlPlane {
                 let online = p == Presence::Online;
                 store.set_online(agent, online, now)?;
                 tracing::info!(agent.id = %agent, online, "agent presence");
-                self.agent_online(agent, online).await;
+                self.spawn_agent_online(agent, online);
             }
             Up::Hello => {
                 let hello: Hello = self.verify_from(agent, payload)?;
@@ -890,10 +956,11 @@ impl ControlPlane {
                 let current = self.keyset().unverified().map(|k| k.version).unwrap_or(0);
                 if hello.keyset_version < current {
                     tracing::info!(agent.id = %agent, from = hello.keyset_version, to = current, "sending newer key set");
-                    self.send_keyset(agent).await;
+                    let (me, agent) = (self.clone(), agent.to_string());
+                    tokio::spawn(async move { me.send_keyset(&agent).await });
                 }
                 tracing::info!(agent.id = %agent, hostname = %hello.hostname, version = %hello.agent_version, "agent announced");
-                self.agent_online(agent, true).await;
+                self.spawn_agent_online(agent, true);
             }
             Up::Heartbeat => {
                 let hb: Heartbeat = self.verify_from(agent, payload)?;
@@ -912,6 +979,26 @@ impl ControlPlane {
                     "result on agent {agent}'s topic claims to be from {:?}",
                     result.agent_id
                 );
+                // An agent's refusal of an envelope it could not authenticate (or had seen
+                // before) speaks for no job it took on: whoever sent that envelope chose
+                // the job id. It is recorded as an event, never as a target's result.
+                if let Some(f) = result.failure.as_ref().filter(|f| {
+                    result.status == drover_protocol::job::ResultStatus::Rejected
+                        && matches!(
+                            f.kind,
+                            FailureKind::BadEnvelope
+                                | FailureKind::Misaddressed
+                                | FailureKind::Replayed
+                        )
+                }) {
+                    let msg = format!(
+                        "refused an envelope claiming job {:?} attempt {}: {}",
+                        result.job_id, result.attempt, f.message
+                    );
+                    tracing::warn!(agent.id = %agent, "{msg}");
+                    store.add_event(agent, "refused-envelope", &msg, now)?;
+                    return Ok(());
+                }
                 match store.record_result(&result, now)? {
                     Recorded::Stored => {
                         tracing::info!(agent.id = %agent, job.id = %result.job_id, status = result.status.as_str(), "result stored");
@@ -930,28 +1017,35 @@ impl ControlPlane {
                             &detail,
                             now,
                         )?;
-                        self.ack(agent, &result).await;
                         let (state, detail) = crate::rollout::state_of(&result);
                         let actions = self
                             .rollouts()
                             .get_mut(&result.job_id)
                             .map(|a| a.rollout.finished(agent, state, now));
                         self.emit(&result.job_id, agent, LiveWhat::State { state, detail });
-                        if let Some(actions) = actions {
-                            self.apply(&result.job_id, actions).await;
-                            let done = self
-                                .rollouts()
-                                .get(&result.job_id)
-                                .is_some_and(|a| a.rollout.is_done());
-                            if done {
-                                self.finish_rollout(&result.job_id);
-                            }
-                        }
                         self.shared.results.send_modify(|n| *n += 1);
+                        // Publishing happens off this loop: waiting here on a full
+                        // outgoing queue while the link waits on this loop would stall both.
+                        let (me, agent, job) =
+                            (self.clone(), agent.to_string(), result.job_id.clone());
+                        let key = (result.job_id.clone(), result.attempt);
+                        tokio::spawn(async move {
+                            me.ack(&agent, &key.0, key.1).await;
+                            if let Some(actions) = actions {
+                                me.apply(&job, actions).await;
+                                let done =
+                                    me.rollouts().get(&job).is_some_and(|a| a.rollout.is_done());
+                                if done {
+                                    me.finish_rollout(&job);
+                                }
+                            }
+                        });
                     }
                     Recorded::Duplicate => {
                         tracing::debug!(agent.id = %agent, job.id = %result.job_id, "duplicate result ignored");
-                        self.ack(agent, &result).await;
+                        let (me, agent) = (self.clone(), agent.to_string());
+                        let key = (result.job_id.clone(), result.attempt);
+                        tokio::spawn(async move { me.ack(&agent, &key.0, key.1).await });
                     }
                     Recorded::NoTarget => {
                         let what = match &result.failure {
@@ -968,7 +1062,22 @@ impl ControlPlane {
                 }
             }
             Up::Progress => {
+                // Live output with nobody following costs nothing: not even a signature
+                // check. Started reports always count.
+                if self.shared.live.receiver_count() == 0
+                    && serde_json::from_slice::<Progress>(payload)
+                        .is_ok_and(|p| matches!(p.event, ProgressEvent::Output { .. }))
+                {
+                    return Ok(());
+                }
                 let p: Progress = self.verify_from(agent, payload)?;
+                if let ProgressEvent::Output { text, .. } = &p.event {
+                    anyhow::ensure!(
+                        text.len() <= MAX_LIVE_TEXT,
+                        "live output piece of {} bytes is over {MAX_LIVE_TEXT}",
+                        text.len()
+                    );
+                }
                 anyhow::ensure!(
                     p.agent_id == agent,
                     "progress on agent {agent}'s topic claims to be from {:?}",
@@ -1036,10 +1145,10 @@ impl ControlPlane {
         })
     }
 
-    async fn ack(&self, agent: &str, r: &JobResult) {
+    async fn ack(&self, agent: &str, job_id: &str, attempt: u32) {
         let ack = ResultAck {
-            job_id: r.job_id.clone(),
-            attempt: r.attempt,
+            job_id: job_id.to_string(),
+            attempt,
         };
         let body = serde_json::to_vec(&ack).expect("acks serialise");
         if let Err(e) = self

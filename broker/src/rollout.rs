@@ -7,9 +7,10 @@
 //!
 //! The rules, as in Systems Manager's Run Command:
 //! - At most `max_concurrency` targets are in flight (delivered or in progress).
-//! - Errors are targets that failed, timed out or were undeliverable. Once they exceed
-//!   `max_errors`, no new target starts and the ones not started become cancelled.
-//!   Targets already in flight run to the end.
+//! - Errors are targets that failed or timed out. Once they exceed `max_errors`, no new
+//!   target starts and the ones not started become cancelled. Targets already in flight
+//!   run to the end. Undeliverable targets are not errors (as in Systems Manager): an
+//!   unreachable machine says nothing about whether the command is safe to spread.
 //! - With the exponential ramp, one target goes first, and the in-flight limit grows by
 //!   one with each target that finishes: 1, then 2 more, then 4 more, and so on, up to
 //!   `max_concurrency`.
@@ -25,8 +26,10 @@ use std::collections::HashMap;
 use drover_protocol::job::{FailureKind, JobResult, ResultStatus};
 use serde::{Deserialize, Serialize};
 
-/// Extra time past a target's deadline before the server gives up on its result.
-pub const RESULT_GRACE_MS: u64 = 30_000;
+/// Extra time past a target's deadline before the server gives up on its result. The
+/// agent reports a job started before it fetches and compiles the plugin, which the job's
+/// deadline does not cover, so this leaves room for that too.
+pub const RESULT_GRACE_MS: u64 = 120_000;
 
 /// A target's state. The first four are live; the rest are final.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -97,10 +100,7 @@ impl TargetState {
 
     /// Whether the target counts against `max_errors`.
     pub fn is_error(self) -> bool {
-        matches!(
-            self,
-            TargetState::Failed | TargetState::TimedOut | TargetState::Undeliverable
-        )
+        matches!(self, TargetState::Failed | TargetState::TimedOut)
     }
 }
 
@@ -463,20 +463,32 @@ impl Rollout {
         {
             self.stopped_by_errors = true;
         }
-        if self.stopped_by_errors || self.cancelled {
-            if self.stopped_by_errors {
-                for t in &mut self.targets {
-                    if t.state == TargetState::Pending {
-                        t.state = TargetState::Cancelled;
-                        actions.push(Action::Settle(
-                            t.agent.clone(),
-                            TargetState::Cancelled,
-                            format!(
-                                "not started: {errors} error(s) exceeded max-errors {}",
-                                self.max_errors.unwrap_or(0)
-                            ),
-                        ));
-                    }
+        if self.cancelled {
+            // Pending targets were settled by `cancel`; after a restart in between, here.
+            for t in &mut self.targets {
+                if t.state == TargetState::Pending {
+                    t.state = TargetState::Cancelled;
+                    actions.push(Action::Settle(
+                        t.agent.clone(),
+                        TargetState::Cancelled,
+                        "cancelled by the operator before it was sent".into(),
+                    ));
+                }
+            }
+            return actions;
+        }
+        if self.stopped_by_errors {
+            for t in &mut self.targets {
+                if t.state == TargetState::Pending {
+                    t.state = TargetState::Cancelled;
+                    actions.push(Action::Settle(
+                        t.agent.clone(),
+                        TargetState::Cancelled,
+                        format!(
+                            "not started: {errors} error(s) exceeded max-errors {}",
+                            self.max_errors.unwrap_or(0)
+                        ),
+                    ));
                 }
             }
             return actions;
@@ -854,6 +866,44 @@ mod tests {
         assert!(dispatched(&r.finished("a00", TargetState::Cancelled, 3)).is_empty());
         assert!(dispatched(&r.finished("a01", TargetState::Success, 3)).is_empty());
         assert!(r.is_done());
+    }
+
+    #[test]
+    fn undeliverable_targets_are_not_errors() {
+        let ids = agents(3);
+        let mut r = Rollout::new(policy(Some("1"), Some("0"), Ramp::None), 0, &ids, |a| {
+            a != "a00"
+        });
+        assert_eq!(dispatched(&r.start(0)), ["a01"]);
+        r.started("a01", 1);
+        assert_eq!(dispatched(&r.finished("a01", TargetState::Success, 2)), ["a02"]);
+        let a = r.tick(10 * MIN);
+        // a00 never came back and a02 never started: both undeliverable, no stop.
+        assert_eq!(settled(&a, TargetState::Undeliverable), 2);
+        assert!(!r.stopped_by_errors());
+    }
+
+    #[test]
+    fn a_cancelled_rollout_restored_after_a_restart_settles_what_was_not_sent() {
+        let targets = vec![
+            Restored {
+                agent: "a".into(),
+                state: TargetState::Pending,
+                online: true,
+                since_ms: 0,
+            },
+            Restored {
+                agent: "b".into(),
+                state: TargetState::InProgress,
+                online: true,
+                since_ms: 0,
+            },
+        ];
+        let mut r = Rollout::restore(policy(None, None, Ramp::None), 0, targets, true);
+        let a = r.tick(1);
+        assert_eq!(settled(&a, TargetState::Cancelled), 1);
+        assert!(dispatched(&a).is_empty());
+        assert_eq!(r.state("a"), Some(TargetState::Cancelled));
     }
 
     #[test]

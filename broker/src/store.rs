@@ -212,6 +212,9 @@ pub struct TargetRow {
     pub finished_ms: Option<u64>,
 }
 
+/// A target without its result: agent, state, detail, and whether it is done.
+pub type TargetBrief = (String, TargetState, Option<String>, bool);
+
 /// A rate-controlled job, as stored so that a restarted server carries on with it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RolloutRow {
@@ -381,6 +384,17 @@ fn migrate(conn: &Connection) -> anyhow::Result<()> {
             .any(|c| c == column);
         if !present {
             conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+            if *column == "state" {
+                // Targets from before states existed get the state their status implies.
+                conn.execute_batch(
+                    "UPDATE job_targets SET state = CASE status \
+                     WHEN 'succeeded' THEN 'success' \
+                     WHEN 'failed' THEN 'failed' \
+                     WHEN 'rejected' THEN 'failed' \
+                     WHEN 'sent' THEN 'delivered' \
+                     ELSE 'pending' END",
+                )?;
+            }
         }
     }
     Ok(())
@@ -718,8 +732,14 @@ impl Store {
 
     // ---- jobs ----
 
-    /// Stores a job and its targets (all `pending`, attempt 1).
-    pub fn create_job(&self, job: &JobRow, agents: &[String]) -> anyhow::Result<()> {
+    /// Stores a job and its targets (all `pending`, attempt 1), and its rate control if
+    /// it has any, in one transaction.
+    pub fn create_job(
+        &self,
+        job: &JobRow,
+        agents: &[String],
+        rollout: Option<&RolloutRow>,
+    ) -> anyhow::Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute(
@@ -738,6 +758,16 @@ impl Store {
             tx.execute(
                 "INSERT INTO job_targets (job_id, agent_id, attempt, status, updated_ms) VALUES (?1, ?2, 1, 'pending', ?3)",
                 params![job.id, a, to_i64(job.created_ms)],
+            )?;
+        }
+        if let Some(r) = rollout {
+            tx.execute(
+                "INSERT INTO rollouts (job_id, spec, created_ms) VALUES (?1, ?2, ?3)",
+                params![
+                    r.job_id,
+                    serde_json::to_string(&r.spec)?,
+                    to_i64(r.created_ms)
+                ],
             )?;
         }
         tx.commit()?;
@@ -778,21 +808,9 @@ impl Store {
         Ok(())
     }
 
-    /// Stores a rate-controlled job's settings.
-    pub fn create_rollout(&self, r: &RolloutRow) -> anyhow::Result<()> {
-        self.conn().execute(
-            "INSERT INTO rollouts (job_id, spec, created_ms) VALUES (?1, ?2, ?3)",
-            params![
-                r.job_id,
-                serde_json::to_string(&r.spec)?,
-                to_i64(r.created_ms)
-            ],
-        )?;
-        Ok(())
-    }
-
-    /// Rate-controlled jobs not yet done.
-    pub fn active_rollouts(&self) -> anyhow::Result<Vec<RolloutRow>> {
+    /// Rate-controlled jobs not yet done; a row that cannot be read comes back as its
+    /// job id and the reason.
+    pub fn active_rollouts(&self) -> anyhow::Result<Vec<Result<RolloutRow, (String, String)>>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT job_id, spec, created_ms, cancelled_ms, done_ms FROM rollouts WHERE done_ms IS NULL ORDER BY created_ms",
@@ -809,14 +827,15 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (job_id, spec, created, cancelled, done) = row?;
-            let spec = serde_json::from_str(&spec)
-                .with_context(|| format!("rollout {job_id} has an unreadable spec"))?;
-            out.push(RolloutRow {
-                job_id,
-                spec,
-                created_ms: created as u64,
-                cancelled_ms: opt_u64(cancelled),
-                done_ms: opt_u64(done),
+            out.push(match serde_json::from_str(&spec) {
+                Ok(spec) => Ok(RolloutRow {
+                    job_id,
+                    spec,
+                    created_ms: created as u64,
+                    cancelled_ms: opt_u64(cancelled),
+                    done_ms: opt_u64(done),
+                }),
+                Err(e) => Err((job_id, format!("its stored settings are unreadable: {e}"))),
             });
         }
         Ok(out)
@@ -867,6 +886,72 @@ impl Store {
             params![job_id, to_i64(now)],
         )?;
         Ok(())
+    }
+
+    /// Jobs in which this agent's target is not final yet.
+    pub fn open_targets_of(&self, agent_id: &str) -> anyhow::Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT job_id FROM job_targets WHERE agent_id = ?1 AND result IS NULL AND state IN ('pending', 'delivered', 'in_progress')",
+        )?;
+        let rows = stmt.query_map(params![agent_id], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// How many targets of a job are in each state, and how many are done (final, or
+    /// with a result): a cheap question for pollers, which need no outputs.
+    pub fn progress_of(&self, job_id: &str) -> anyhow::Result<(usize, usize)> {
+        Ok(self.conn().query_row(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN result IS NOT NULL OR state NOT IN ('pending', 'delivered', 'in_progress') THEN 1 ELSE 0 END), 0) FROM job_targets WHERE job_id = ?1",
+            params![job_id],
+            |r| Ok((r.get::<_, i64>(0)? as usize, r.get::<_, i64>(1)? as usize)),
+        )?)
+    }
+
+    /// Each target's agent, state and detail, and whether it is done, without results.
+    pub fn target_states(
+        &self,
+        job_id: &str,
+    ) -> anyhow::Result<Vec<TargetBrief>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT agent_id, state, detail, result IS NOT NULL FROM job_targets WHERE job_id = ?1 ORDER BY agent_id",
+        )?;
+        let rows = stmt.query_map(params![job_id], |r| {
+            let state: String = r.get(1)?;
+            let state = TargetState::parse(&state).unwrap_or(TargetState::Pending);
+            let has_result: bool = r.get(3)?;
+            Ok((
+                r.get::<_, String>(0)?,
+                state,
+                r.get::<_, Option<String>>(2)?,
+                has_result || state.is_final(),
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Targets per state of a job.
+    pub fn state_counts(
+        &self,
+        job_id: &str,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, usize>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT state, COUNT(*) FROM job_targets WHERE job_id = ?1 GROUP BY state",
+        )?;
+        let mut counts: std::collections::BTreeMap<String, usize> = TargetState::ALL
+            .iter()
+            .map(|s| (s.as_str().to_string(), 0))
+            .collect();
+        let rows = stmt.query_map(params![job_id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as usize))
+        })?;
+        for row in rows {
+            let (state, n) = row?;
+            counts.insert(state, n);
+        }
+        Ok(counts)
     }
 
     /// Recent jobs, newest first.

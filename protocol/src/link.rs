@@ -148,6 +148,19 @@ impl LinkHandle {
             .map_err(|e| PublishError(e.to_string()))
     }
 
+    /// Queues a QoS 1 publish without waiting: fails at once when the client's queue is
+    /// full. For what may be dropped (progress, live output), never for results.
+    pub fn try_publish(
+        &self,
+        topic: impl Into<String>,
+        payload: impl Into<Vec<u8>>,
+    ) -> Result<(), PublishError> {
+        let payload: Vec<u8> = payload.into();
+        self.client
+            .try_publish(topic.into(), QoS::AtLeastOnce, false, payload)
+            .map_err(|e| PublishError(e.to_string()))
+    }
+
     /// Whether the last thing the event loop saw was a successful connect.
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)

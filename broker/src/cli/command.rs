@@ -169,13 +169,14 @@ pub fn run_command(ctx: &Ctx, a: RunCommandArgs) -> anyhow::Result<i32> {
         let path = format!("/api/v1/jobs/{}/live", created.job_id);
         let json = ctx.output == Output::Json;
         let r = client.stream_lines("follow", &path, |line| {
-            if json {
-                println!("{line}");
-            }
             let Ok(e) = serde_json::from_str::<LiveEvent>(line) else {
                 return Ok(true);
             };
-            if !json {
+            if json {
+                if !matches!(e.what, LiveWhat::Keepalive) {
+                    println!("{line}");
+                }
+            } else {
                 print_live(&e, &mut streamed);
             }
             Ok(!matches!(e.what, LiveWhat::End) && Instant::now() < deadline)
@@ -187,17 +188,18 @@ pub fn run_command(ctx: &Ctx, a: RunCommandArgs) -> anyhow::Result<i32> {
 
     let mut printed: HashSet<String> = HashSet::new();
     let mut view: JobView;
+    let mut done = 0;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         view = client.get(
             "command status",
             &format!(
-                "/api/v1/jobs/{}?done={}&wait_ms={}",
+                "/api/v1/jobs/{}?done={done}&wait_ms={}",
                 created.job_id,
-                printed.len(),
                 left.as_millis().min(30_000)
             ),
         )?;
+        done = view.finished();
         if ctx.output == Output::Text {
             for t in &view.targets {
                 if t.is_done() && printed.insert(t.agent_id.clone()) {
@@ -283,7 +285,7 @@ fn print_live(e: &LiveEvent, streamed: &mut HashSet<String>) {
         LiveWhat::Lagged { skipped } => {
             eprintln!("({skipped} live events skipped; the stored output has everything)")
         }
-        LiveWhat::End => {}
+        LiveWhat::Keepalive | LiveWhat::End => {}
     }
 }
 

@@ -164,7 +164,12 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> anyhow::Result<i32> {
         }
         return Ok(EXIT_OK);
     }
-    let wait = a.wait.unwrap_or(a.timeout + Duration::from_secs(30));
+    // A rate-controlled job may spend its whole delivery timeout waiting for slots.
+    let wait = a.wait.unwrap_or(if a.rate.given() {
+        a.delivery_timeout + a.timeout + Duration::from_secs(30)
+    } else {
+        a.timeout + Duration::from_secs(30)
+    });
     let deadline = started + wait;
     let mut printed = std::collections::HashSet::new();
     let mut done = 0usize;
@@ -180,13 +185,23 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> anyhow::Result<i32> {
             ),
         )?;
         for t in &view.targets {
-            if let Some(r) = &t.result
-                && printed.insert(t.agent_id.clone())
-            {
-                print_result(ctx.output, r)?;
+            if !t.is_done() || !printed.insert(t.agent_id.clone()) {
+                continue;
+            }
+            match &t.result {
+                Some(r) => print_result(ctx.output, r)?,
+                // Settled by the server (undeliverable, cancelled, timed out): no result.
+                None if ctx.output == Output::Json => println!("{}", serde_json::to_string(t)?),
+                None => println!(
+                    "{:<20} {:<9} {:>6}     {}",
+                    t.agent_id,
+                    t.state.as_str(),
+                    "",
+                    t.detail.as_deref().unwrap_or("")
+                ),
             }
         }
-        done = printed.len();
+        done = view.finished();
         if done == view.targets.len() || Instant::now() >= deadline {
             break;
         }
@@ -231,6 +246,8 @@ impl Summary {
                 Some(ResultStatus::Succeeded) => s.succeeded += 1,
                 Some(ResultStatus::Failed) => s.failed += 1,
                 Some(ResultStatus::Rejected) => s.rejected += 1,
+                // Settled by the server without a result: undeliverable, cancelled.
+                None if t.is_done() => s.failed += 1,
                 None => s.waiting += 1,
             }
         }

@@ -580,3 +580,25 @@ fn commands_queued_for_an_absent_agent_run_in_order_when_it_returns() {
         "not in order: {ran_at:?}"
     );
 }
+
+#[test]
+fn deregistering_an_agent_settles_its_targets() {
+    let server = Server::start();
+    publish_command(&server);
+    let mut agent = command_agent(&server, "leaving-1", &[]);
+    agent.stop();
+    wait_for(Duration::from_secs(15), "agent offline", || {
+        server
+            .agent_row("leaving-1")
+            .filter(|a| a["online"] == false)
+    });
+    let out = server.cli(&["run-command", "-t", "leaving-1", "--no-wait", "--", "true"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_string();
+    assert_eq!(target(&show(&server, &id), "leaving-1")["state"], "pending");
+    let out = server.cli(&["agents", "deregister", "leaving-1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let t = target(&show(&server, &id), "leaving-1").clone();
+    assert_eq!(t["state"], "undeliverable", "{t:#}");
+    assert_eq!(t["detail"], "the agent was deregistered");
+}
