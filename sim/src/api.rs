@@ -185,19 +185,22 @@ impl Api {
         ))
     }
 
-    /// Long-polls the job until every target has a result, or `timeout`; returns the
-    /// last view (`{"job", "targets"}`).
-    pub fn wait_job(&self, id: &str, timeout: Duration) -> anyhow::Result<Value> {
+    /// Long-polls the job until all `targets` have a result, or `timeout`; returns the
+    /// last view (`{"job", "targets"}`). It asks the server to answer only when the last
+    /// result is in, so a fan-out to N agents costs one response, not N.
+    pub fn wait_job(&self, id: &str, targets: usize, timeout: Duration) -> anyhow::Result<Value> {
         let deadline = Instant::now() + timeout;
-        let mut done = 0;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let view = self.job(id, done, left.min(Duration::from_secs(30)))?;
+            let view = self.job(
+                id,
+                targets.saturating_sub(1),
+                left.min(Duration::from_secs(30)),
+            )?;
             let (n, total) = results_in(&view);
             if n == total || Instant::now() >= deadline {
                 return Ok(view);
             }
-            done = n;
         }
     }
 }

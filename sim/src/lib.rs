@@ -7,6 +7,7 @@
 //! - [`api`]: a small blocking client for the server's HTTP API.
 //! - [`procfs`]: resident memory and CPU time from `/proc`, and `RLIMIT_NOFILE`.
 //! - [`report`]: the benchmark's table and JSON.
+//! - [`server`]: the real `drover` and `drover-agent` binaries as child processes.
 //!
 //! Binaries: `drover-sim` runs a fleet until Ctrl-C; `drover-bench` starts its own
 //! `drover serve` and measures.
@@ -14,6 +15,7 @@ pub mod api;
 pub mod fleet;
 pub mod procfs;
 pub mod report;
+pub mod server;
 
 pub use api::Api;
 pub use fleet::{Fleet, FleetOptions};

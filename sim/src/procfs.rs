@@ -12,6 +12,11 @@ pub struct Sample {
     pub rss_bytes: u64,
     /// Peak resident set size, bytes (`VmHWM`).
     pub peak_rss_bytes: u64,
+    /// Resident anonymous memory (heap, stacks), bytes (`RssAnon`; 0 if the kernel
+    /// does not say).
+    pub anon_bytes: u64,
+    /// Resident file-backed memory (mostly the binary's own pages), bytes (`RssFile`).
+    pub file_bytes: u64,
     /// User plus system CPU time, seconds.
     pub cpu_secs: f64,
     /// When it was read.
@@ -34,9 +39,22 @@ impl Sample {
         Ok(Sample {
             rss_bytes: kib("VmRSS")? * 1024,
             peak_rss_bytes: kib("VmHWM")? * 1024,
+            anon_bytes: status_kib(&status, "RssAnon").unwrap_or(0) * 1024,
+            file_bytes: status_kib(&status, "RssFile").unwrap_or(0) * 1024,
             cpu_secs: ticks as f64 / rustix::param::clock_ticks_per_second() as f64,
             at: Instant::now(),
         })
+    }
+
+    /// `"12.0 MiB (anon 4.0, file 8.0)"`.
+    pub fn describe_rss(&self) -> String {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        format!(
+            "{:.1} MiB (anonymous {:.1}, file-backed {:.1})",
+            mib(self.rss_bytes),
+            mib(self.anon_bytes),
+            mib(self.file_bytes)
+        )
     }
 
     /// CPU used between `earlier` and this sample, as a share of one core (1.0 = 100 %).
