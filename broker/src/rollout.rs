@@ -876,7 +876,10 @@ mod tests {
         });
         assert_eq!(dispatched(&r.start(0)), ["a01"]);
         r.started("a01", 1);
-        assert_eq!(dispatched(&r.finished("a01", TargetState::Success, 2)), ["a02"]);
+        assert_eq!(
+            dispatched(&r.finished("a01", TargetState::Success, 2)),
+            ["a02"]
+        );
         let a = r.tick(10 * MIN);
         // a00 never came back and a02 never started: both undeliverable, no stop.
         assert_eq!(settled(&a, TargetState::Undeliverable), 2);

@@ -909,10 +909,7 @@ impl Store {
     }
 
     /// Each target's agent, state and detail, and whether it is done, without results.
-    pub fn target_states(
-        &self,
-        job_id: &str,
-    ) -> anyhow::Result<Vec<TargetBrief>> {
+    pub fn target_states(&self, job_id: &str) -> anyhow::Result<Vec<TargetBrief>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT agent_id, state, detail, result IS NOT NULL FROM job_targets WHERE job_id = ?1 ORDER BY agent_id",
