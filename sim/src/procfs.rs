@@ -86,10 +86,22 @@ pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-/// Raises this process's soft `RLIMIT_NOFILE` to its hard limit; returns the new soft
-/// limit (`None`: unlimited).
-pub fn raise_nofile() -> anyhow::Result<Option<u64>> {
+/// Raises this process's `RLIMIT_NOFILE`: the soft limit to the hard one, and both to
+/// `wanted` if that is higher and the process may (root may). Returns the new soft limit
+/// (`None`: unlimited). Children started afterwards inherit it.
+pub fn raise_nofile(wanted: u64) -> anyhow::Result<Option<u64>> {
     let lim = getrlimit(Resource::Nofile);
+    if let Some(hard) = lim.maximum
+        && hard < wanted
+    {
+        let more = Rlimit {
+            current: Some(wanted),
+            maximum: Some(wanted),
+        };
+        if setrlimit(Resource::Nofile, more).is_ok() {
+            return Ok(Some(wanted));
+        }
+    }
     if lim.current != lim.maximum {
         setrlimit(
             Resource::Nofile,
@@ -103,10 +115,11 @@ pub fn raise_nofile() -> anyhow::Result<Option<u64>> {
     Ok(getrlimit(Resource::Nofile).current)
 }
 
-/// Files a fleet of `agents` needs open at once: a socket each, plus room for the
-/// files they open while working, the runtime and the HTTP client.
+/// Files a fleet of `agents` needs open at once: each agent holds its MQTT socket and
+/// its seen-envelope log, and briefly more while it works; plus the runtime and the
+/// HTTP client.
 pub fn files_needed(agents: usize) -> u64 {
-    agents as u64 + agents as u64 / 8 + 256
+    agents as u64 * 3 + 256
 }
 
 #[cfg(test)]
@@ -129,6 +142,6 @@ mod tests {
     fn this_process_can_be_read() {
         let s = Sample::of(None).unwrap();
         assert!(s.rss_bytes > 0 && s.peak_rss_bytes >= s.rss_bytes);
-        assert!(raise_nofile().unwrap().is_none_or(|n| n > 0));
+        assert!(raise_nofile(64).unwrap().is_none_or(|n| n >= 64));
     }
 }

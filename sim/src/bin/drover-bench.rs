@@ -70,6 +70,12 @@ struct Args {
     /// Simulated agents connected at once for the "10,000 agents" figure.
     #[arg(long = "agents-10k", default_value_t = 10_000)]
     agents_10k: usize,
+    /// Simulated agents started per second (each connects at once).
+    #[arg(long, default_value_t = 250)]
+    start_rate: usize,
+    /// Give up growing the fleet when no more agents came online for this many seconds.
+    #[arg(long, default_value_t = 120)]
+    stall_secs: u64,
     /// After the 10,000-agent figures, also fan out to all of them. Off by default: at
     /// this scale the embedded broker's routing makes it take minutes (see README).
     #[arg(long)]
@@ -108,7 +114,7 @@ const MIB: f64 = (1 << 20) as f64;
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,drover_protocol::link=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -225,6 +231,20 @@ impl Bench {
             return Ok(());
         }
 
+        // Before the server starts, so that it inherits the limit too.
+        let biggest = self.biggest_fleet();
+        let need = procfs::files_needed(biggest);
+        let limit = procfs::raise_nofile(need)?;
+        self.report
+            .context
+            .insert("nofile_limit".into(), json!(limit));
+        if let Some(l) = limit
+            && l < need
+        {
+            say(format!(
+                "warning: open-file limit {l} < ~{need} needed for {biggest} agents (ulimit -Hn)"
+            ));
+        }
         std::fs::create_dir_all(&self.work)?;
         let server = Server::start(
             &self.bin_dir.join("drover"),
@@ -631,24 +651,16 @@ impl Bench {
 
     // ---- simulated agents -----------------------------------------------------------
 
-    fn simulated(&mut self, server: &Server, api: &Api, plugins: &Path) -> anyhow::Result<()> {
-        let limit = procfs::raise_nofile()?;
-        let biggest = self.args.fanout.max(if self.wants(Stage::Agents10k) {
+    fn biggest_fleet(&self) -> usize {
+        self.args.fanout.max(if self.wants(Stage::Agents10k) {
             self.args.agents_10k
         } else {
             0
-        });
-        let need = procfs::files_needed(biggest);
-        self.report
-            .context
-            .insert("nofile_limit".into(), json!(limit));
-        if let Some(l) = limit
-            && l < need
-        {
-            say(format!(
-                "warning: open-file limit {l} < ~{need} needed for {biggest} agents"
-            ));
-        }
+        })
+    }
+
+    fn simulated(&mut self, server: &Server, api: &Api, plugins: &Path) -> anyhow::Result<()> {
+        let biggest = self.biggest_fleet();
 
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -661,6 +673,7 @@ impl Bench {
         opts.prefix = "sim-".into();
         opts.data_dir = self.sim_dir.clone();
         opts.enroll_parallelism = 8;
+        opts.start_rate = self.args.start_rate;
 
         // Run Command needs the command plugin, the CLI command, and agents allowing
         // any program.
@@ -708,6 +721,10 @@ impl Bench {
             }),
         );
         let (sim_1k, server_1k) = idle_window(server, Duration::from_secs(10))?;
+        let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+        self.report
+            .context
+            .insert("sim_open_files_1k".into(), json!(fds));
         self.push_fleet_resources("1k", self.args.fanout, sim_1k, server_1k);
 
         let outcome = (|| -> anyhow::Result<Option<Fleet>> {
@@ -896,6 +913,31 @@ impl Bench {
         Ok(())
     }
 
+    /// Waits for `n` agents (`sim-*`) online; stops early when none came online for
+    /// `--stall-secs`. Returns the count reached, how long, and whether it stalled.
+    fn grow_wait(&self, api: &Api, n: usize) -> anyhow::Result<(usize, Duration, bool)> {
+        let t = Instant::now();
+        let (mut best, mut gained) = (0, Instant::now());
+        let mut show = progress("online");
+        loop {
+            let online = api.online_count("sim-")?;
+            show(online);
+            if online > best {
+                best = online;
+                gained = Instant::now();
+            }
+            if online >= n {
+                return Ok((online, t.elapsed(), false));
+            }
+            if gained.elapsed() > Duration::from_secs(self.args.stall_secs)
+                || t.elapsed() > Duration::from_secs(1800)
+            {
+                return Ok((online, t.elapsed(), true));
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+
     /// Grows the fleet to `agents_10k` (a second fleet sharing the engine), waits for all
     /// online, reads memory and idle CPU, and fans out once to all of them.
     fn agents_10k(
@@ -917,15 +959,19 @@ impl Bench {
             let t = Instant::now();
             let more = rt.block_on(Fleet::start(opts))?;
             let started = t.elapsed();
-            let (online, took) =
-                api.wait_online("sim-", n, Duration::from_secs(900), progress("online"))?;
+            let (online, took, stalled) = self.grow_wait(api, n)?;
             say(format!(
-                "{} more agents: enrolled in {:.1} s ({:.0}/s), started in {:.1} s, {online} online {:.1} s later",
+                "{} more agents: enrolled in {:.1} s ({:.0}/s), started in {:.1} s, {online} online {:.1} s later{}",
                 n - have,
                 more.enroll_time.as_secs_f64(),
                 more.enrolled as f64 / more.enroll_time.as_secs_f64().max(1e-9),
                 started.as_secs_f64(),
-                took.as_secs_f64()
+                took.as_secs_f64(),
+                if stalled {
+                    " (stalled: gave up waiting)"
+                } else {
+                    ""
+                }
             ));
             self.report.context.insert(
                 "fleet_10k".into(),
@@ -933,7 +979,11 @@ impl Bench {
                     "agents": n,
                     "enrolled": more.enrolled,
                     "enroll_secs": round(more.enroll_time.as_secs_f64(), 2),
+                    "start_rate_per_s": self.args.start_rate,
+                    "online": online,
                     "online_after_start_secs": round(took.as_secs_f64(), 2),
+                    "stalled": stalled,
+                    "failed_agents": more.failed(),
                 }),
             );
             Some(more)

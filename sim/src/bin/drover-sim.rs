@@ -79,8 +79,8 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
 
-    let limit = procfs::raise_nofile()?;
     let need = procfs::files_needed(args.count);
+    let limit = procfs::raise_nofile(need)?;
     match limit {
         Some(l) if l < need => eprintln!(
             "warning: open-file limit {l} is below the ~{need} that {} agents need; raise the hard limit (ulimit -Hn)",
