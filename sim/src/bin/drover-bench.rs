@@ -473,10 +473,10 @@ impl Bench {
         }
 
         if self.wants(Stage::Latency) {
-            let l = self.latency(api, id)?;
+            let l = self.latency(api, id, server.process.pid(), pid)?;
             let note = format!(
-                "misbehave echo, {} runs after {} warm-up, one at a time, agent data on disk: POST /api/v1/jobs to the result stored (a long-poll GET returns); max {:.2} ms; server's stamps created→finished p50 {} ms; {} failed",
-                l.runs, self.args.warmup, l.max, l.server_p50, l.failed
+                "misbehave echo, {} runs after {} warm-up, one at a time, agent data on disk: POST /api/v1/jobs to the result stored (a long-poll GET returns); max {:.2} ms; server's stamps created→finished p50 {} ms; CPU per job: server {:.0} µs, agent {:.0} µs; {} failed",
+                l.runs, self.args.warmup, l.max, l.server_p50, l.cpu_us.0, l.cpu_us.1, l.failed
             );
             self.report.push(
                 "latency_p50_ms",
@@ -532,11 +532,13 @@ impl Bench {
             ])?;
             let mut p = self.spawn_agent(&shm_agent)?;
             wait_online(api, shm_id, Duration::from_secs(60))?;
-            let l = self.latency(api, shm_id)?;
+            let l = self.latency(api, shm_id, server.process.pid(), p.pid())?;
             p.stop(Duration::from_secs(15))?;
             let note = format!(
-                "as above, but this agent's data directory is on tmpfs ({}), so its fsyncs are free; the server stays on disk",
-                self.sim_dir.display()
+                "as above, but this agent's data directory is on tmpfs ({}), so its fsyncs are free; the server stays where --work-dir is; CPU per job: server {:.0} µs, agent {:.0} µs",
+                self.sim_dir.display(),
+                l.cpu_us.0,
+                l.cpu_us.1
             );
             self.report.push(
                 "latency_tmpfs_p50_ms",
@@ -607,7 +609,15 @@ impl Bench {
     }
 
     /// Warm round trips of misbehave echo on one agent, one at a time.
-    fn latency(&self, api: &Api, id: &str) -> anyhow::Result<Latency> {
+    /// CPU per job of the server (`server_pid`) and the agent (`agent_pid`) is measured
+    /// over the timed runs.
+    fn latency(
+        &self,
+        api: &Api,
+        id: &str,
+        server_pid: u32,
+        agent_pid: u32,
+    ) -> anyhow::Result<Latency> {
         let echo = json!({
             "plugin": "misbehave", "targets": id, "input": {"mode": "echo"},
             "timeout_secs": 10, "delivery_secs": 60,
@@ -624,6 +634,7 @@ impl Bench {
         let mut lat = Vec::with_capacity(self.args.latency_runs);
         let mut server = Vec::with_capacity(self.args.latency_runs);
         let mut failed = 0;
+        let (srv0, agent0) = (Sample::of(Some(server_pid))?, Sample::of(Some(agent_pid))?);
         for _ in 0..self.args.latency_runs.max(1) {
             let (took, view) = run_job(api, &echo, Duration::from_secs(30))?;
             if first_result(&view)?["status"] != "succeeded" {
@@ -636,9 +647,13 @@ impl Bench {
                 .unwrap_or(created);
             server.push(finished - created);
         }
+        let (srv1, agent1) = (Sample::of(Some(server_pid))?, Sample::of(Some(agent_pid))?);
+        let per_job = |a: &Sample, b: &Sample| (b.cpu_secs - a.cpu_secs) * 1e6 / lat.len() as f64;
+        let cpu_us = (per_job(&srv0, &srv1), per_job(&agent0, &agent1));
         lat.sort_by(f64::total_cmp);
         server.sort_by(f64::total_cmp);
         Ok(Latency {
+            cpu_us,
             runs: lat.len(),
             first: first.map_or(0.0, ms),
             p50: quantile(&lat, 0.5).unwrap_or(0.0),
@@ -1052,6 +1067,8 @@ struct Latency {
     /// Job created to result finished, on the server's millisecond clock.
     server_p50: f64,
     failed: usize,
+    /// CPU per job, µs: the server's and the agent's.
+    cpu_us: (f64, f64),
 }
 
 /// The median time to create, write and fsync a small file in `dir`: the unit of the
