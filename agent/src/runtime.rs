@@ -341,12 +341,46 @@ pub struct Runtime {
     cache_dir: PathBuf,
     compat: String,
     loaded: Mutex<HashMap<String, LoadedPlugin>>,
-    stop_ticker: Arc<AtomicBool>,
+    ticker: Arc<Ticker>,
 }
 
 impl Drop for Runtime {
     fn drop(&mut self) {
-        self.stop_ticker.store(true, Ordering::Relaxed);
+        let mut g = self.ticker.state.lock().unwrap_or_else(|e| e.into_inner());
+        g.stop = true;
+        self.ticker.wake.notify_all();
+    }
+}
+
+/// The epoch ticker's state: it ticks only while some plugin runs, and sleeps (no
+/// wake-ups at all) while the agent is idle.
+#[derive(Default)]
+struct Ticker {
+    state: Mutex<TickerState>,
+    wake: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct TickerState {
+    running: usize,
+    stop: bool,
+}
+
+/// Keeps the ticker going while a run is in progress.
+struct Ticking(Arc<Ticker>);
+
+impl Ticking {
+    fn start(t: &Arc<Ticker>) -> Ticking {
+        t.state.lock().unwrap_or_else(|e| e.into_inner()).running += 1;
+        t.wake.notify_all();
+        Ticking(t.clone())
+    }
+}
+
+impl Drop for Ticking {
+    fn drop(&mut self) {
+        let mut g = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        g.running = g.running.saturating_sub(1);
     }
 }
 
@@ -393,14 +427,23 @@ impl Runtime {
         std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut h);
         let compat = hex::encode(&h.0.finish().as_ref()[..8]);
 
-        let stop_ticker = Arc::new(AtomicBool::new(false));
+        let ticker = Arc::new(Ticker::default());
         {
             let engine = engine.clone();
-            let stop = stop_ticker.clone();
+            let ticker = ticker.clone();
             std::thread::Builder::new()
                 .name("drover-epoch".into())
                 .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
+                    loop {
+                        {
+                            let mut g = ticker.state.lock().unwrap_or_else(|e| e.into_inner());
+                            while g.running == 0 && !g.stop {
+                                g = ticker.wake.wait(g).unwrap_or_else(|e| e.into_inner());
+                            }
+                            if g.stop {
+                                return;
+                            }
+                        }
                         std::thread::sleep(TICK);
                         engine.increment_epoch();
                     }
@@ -413,7 +456,7 @@ impl Runtime {
             cache_dir: cache_dir.to_path_buf(),
             compat,
             loaded: Mutex::default(),
-            stop_ticker,
+            ticker,
         })
     }
 
@@ -611,6 +654,7 @@ impl Runtime {
         store.set_epoch_deadline(1);
         store.epoch_deadline_async_yield_and_update(1);
 
+        let _ticking = Ticking::start(&self.ticker);
         let call = call_world(plugin, &mut store, input);
         let result = match tokio::time::timeout(deadline, call).await {
             Err(_) => Err(Failure {
@@ -742,7 +786,11 @@ async fn call_world(
 /// partial file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // Unique per writer: runs in one process (and agents sharing an engine) may write
+    // the same file at once.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}.{n}", std::process::id()));
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
