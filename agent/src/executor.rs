@@ -440,6 +440,8 @@ impl Executor {
                 format!("job envelope is not valid JSON: {e}"),
             ))
         })?;
+        // Until the signature checks out, the envelope's own claims are only used to say
+        // which job a refusal is about.
         let claimed = signed.unverified().ok();
         signed
             .verify(&self.state.keyset().control_plane)
@@ -512,38 +514,16 @@ impl Executor {
     /// Checks the envelope: encoding, signature, address, freshness, replay.
     fn check_envelope(&self, payload: &[u8]) -> Result<JobEnvelope, Box<JobResult>> {
         let me = &self.config.id;
-        let signed: Signed<JobEnvelope> = serde_json::from_slice(payload).map_err(|e| {
-            Box::new(JobResult::refused(
-                "",
-                me,
-                0,
-                FailureKind::BadEnvelope,
-                format!("job envelope is not valid JSON: {e}"),
-            ))
-        })?;
-        // Until the signature checks out, the envelope's own claims are only used to say
-        // which job a refusal is about.
-        let claimed = signed.unverified().ok();
-        let (claimed_id, claimed_attempt) = claimed
-            .as_ref()
-            .map(|e| (e.job_id.clone(), e.attempt))
-            .unwrap_or_default();
+        let env = self.check_signature(payload)?;
         let refuse = |kind, message: String| {
             Box::new(JobResult::refused(
-                &claimed_id,
+                &env.job_id,
                 me,
-                claimed_attempt,
+                env.attempt,
                 kind,
                 message,
             ))
         };
-        let keyset = self.state.keyset();
-        let env = signed.verify(&keyset.control_plane).map_err(|e| {
-            refuse(
-                FailureKind::BadEnvelope,
-                format!("job envelope refused: {e}"),
-            )
-        })?;
         if &env.agent_id != me {
             return Err(refuse(
                 FailureKind::Misaddressed,

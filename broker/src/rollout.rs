@@ -31,6 +31,9 @@ use serde::{Deserialize, Serialize};
 /// deadline does not cover, so this leaves room for that too.
 pub const RESULT_GRACE_MS: u64 = 120_000;
 
+/// Why a target the operator cancelled before it was sent has no result.
+const CANCELLED_BY_OPERATOR: &str = "cancelled by the operator before it was sent";
+
 /// A target's state. The first four are live; the rest are final.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -398,21 +401,27 @@ impl Rollout {
     pub fn cancel(&mut self, now: u64) -> Vec<Action> {
         let _ = now;
         self.cancelled = true;
+        let mut actions: Vec<Action> = self
+            .targets
+            .iter()
+            .filter(|t| t.state.in_flight())
+            .map(|t| Action::Cancel(t.agent.clone()))
+            .collect();
+        actions.extend(self.cancel_pending(CANCELLED_BY_OPERATOR));
+        actions
+    }
+
+    /// Settles every pending target as cancelled, saying why.
+    fn cancel_pending(&mut self, why: &str) -> Vec<Action> {
         let mut actions = Vec::new();
         for t in &mut self.targets {
-            match t.state {
-                TargetState::Pending => {
-                    t.state = TargetState::Cancelled;
-                    actions.push(Action::Settle(
-                        t.agent.clone(),
-                        TargetState::Cancelled,
-                        "cancelled by the operator before it was sent".into(),
-                    ));
-                }
-                TargetState::Delivered | TargetState::InProgress => {
-                    actions.push(Action::Cancel(t.agent.clone()))
-                }
-                _ => {}
+            if t.state == TargetState::Pending {
+                t.state = TargetState::Cancelled;
+                actions.push(Action::Settle(
+                    t.agent.clone(),
+                    TargetState::Cancelled,
+                    why.to_string(),
+                ));
             }
         }
         actions
@@ -465,32 +474,15 @@ impl Rollout {
         }
         if self.cancelled {
             // Pending targets were settled by `cancel`; after a restart in between, here.
-            for t in &mut self.targets {
-                if t.state == TargetState::Pending {
-                    t.state = TargetState::Cancelled;
-                    actions.push(Action::Settle(
-                        t.agent.clone(),
-                        TargetState::Cancelled,
-                        "cancelled by the operator before it was sent".into(),
-                    ));
-                }
-            }
+            actions.extend(self.cancel_pending(CANCELLED_BY_OPERATOR));
             return actions;
         }
         if self.stopped_by_errors {
-            for t in &mut self.targets {
-                if t.state == TargetState::Pending {
-                    t.state = TargetState::Cancelled;
-                    actions.push(Action::Settle(
-                        t.agent.clone(),
-                        TargetState::Cancelled,
-                        format!(
-                            "not started: {errors} error(s) exceeded max-errors {}",
-                            self.max_errors.unwrap_or(0)
-                        ),
-                    ));
-                }
-            }
+            let why = format!(
+                "not started: {errors} error(s) exceeded max-errors {}",
+                self.max_errors.unwrap_or(0)
+            );
+            actions.extend(self.cancel_pending(&why));
             return actions;
         }
 

@@ -35,20 +35,6 @@ fn misbehave(server: &Server, name: &str, agent: &str, input: &Value, flags: &[&
     run_one(server, &args)
 }
 
-/// Whether some process's command line is exactly `argv`. Read from /proc, never by
-/// matching names: only the process the test started can have this exact line.
-fn running(argv: &[&str]) -> bool {
-    let want: Vec<u8> = argv
-        .iter()
-        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
-        .collect();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return false;
-    };
-    dir.flatten()
-        .any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want))
-}
-
 #[test]
 fn exec_runs_only_what_the_manifest_and_the_policy_both_grant() {
     let server = Server::start();

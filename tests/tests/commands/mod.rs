@@ -57,20 +57,6 @@ fn show(server: &Server, id: &str) -> Value {
     server.json(&["command", "show", id])
 }
 
-/// Whether some process's command line is exactly `argv` (read from /proc; only the
-/// process this test started can have this exact line).
-fn running(argv: &[&str]) -> bool {
-    let want: Vec<u8> = argv
-        .iter()
-        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
-        .collect();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return false;
-    };
-    dir.flatten()
-        .any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want))
-}
-
 #[test]
 fn commands_report_exit_codes_output_environment_and_capped_output() {
     let server = Server::start();

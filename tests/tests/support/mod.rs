@@ -713,3 +713,17 @@ impl Drop for Killed {
         let _ = self.0.wait();
     }
 }
+
+/// Whether some process's command line is exactly `argv`. Read from /proc, never by
+/// matching names: only the process the test started can have this exact line.
+pub fn running(argv: &[&str]) -> bool {
+    let want: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten()
+        .any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want))
+}
