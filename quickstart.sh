@@ -62,7 +62,7 @@ drover agents add local --out "$demo/agent.toml" --agent-data-dir "$demo/agent" 
 "$bin/drover-agent" --config "$demo/agent.toml" >"$demo/agent.log" 2>&1 &
 echo $! >>"$demo/pids"
 for _ in $(seq 100); do
-    drover --output json agents list | grep -q '"online": true' && break
+    drover --output json agents list | grep '"online": true' >/dev/null && break
     sleep 0.1
 done
 drover agents list
