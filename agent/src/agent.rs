@@ -229,7 +229,8 @@ pub async fn run_with(
             payload: presence(Presence::Offline),
             retain: true,
         }),
-        subscriptions: vec![topics::down_filter(&config.id)],
+        subscriptions: topics::down_topics(&config.id),
+        unsubscriptions: vec![topics::down_filter(&config.id)],
         on_connect: vec![
             Publication {
                 topic: topics::up(&config.id, Up::Hello),

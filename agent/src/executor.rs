@@ -41,6 +41,10 @@ const LIVE_BATCH: usize = 32 << 10;
 const LIVE_PIECE: usize = 16 << 10;
 /// How long live output gathers before it goes out.
 const LIVE_LINGER: Duration = Duration::from_millis(50);
+/// How long a job runs before its `Started` report goes out (sooner if it has output).
+/// A job done before that is reported by its result alone: for the many short jobs of a
+/// fleet-wide command, that halves the messages the control plane must check and store.
+pub const STARTED_AFTER: Duration = Duration::from_millis(200);
 /// How long cancel requests for jobs not (yet) seen are remembered.
 const CANCEL_MEMORY_MS: u64 = 3_600_000;
 /// Most cancel requests remembered for jobs not (yet) seen.
@@ -179,7 +183,6 @@ impl Executor {
                     tracing::warn!(job.id = %env.job_id, error = %e, "cannot record the running job; a crash now would go unreported");
                 }
                 let seq = Arc::new(AtomicU64::new(0));
-                self.progress(&env, &seq, ProgressEvent::Started);
                 let stop = CancellationToken::new();
                 let already = {
                     let mut jobs = self.lock_jobs();
@@ -498,10 +501,6 @@ impl Executor {
     }
 
     /// Publishes a signed progress report. Best effort: the result is what counts.
-    fn progress(&self, env: &JobEnvelope, seq: &AtomicU64, event: ProgressEvent) {
-        self.reporter().send(env, seq, event)
-    }
-
     fn reporter(&self) -> Reporter {
         Reporter {
             link: self.link.clone(),
@@ -663,30 +662,35 @@ impl Executor {
             fetched = Some(blob);
         }
 
-        // Compiling is CPU-bound: keep it off the async workers.
+        // Compiling is CPU-bound: keep it off the async workers. A plugin already in
+        // memory needs neither the disk nor a blocking thread.
         let t = Instant::now();
         let runtime = self.runtime.clone();
         let m = manifest.clone();
         let path = blob_path.clone();
-        let loaded = tokio::task::spawn_blocking(move || {
-            let (sha, world) = (m.sha256.clone(), m.world);
-            runtime.load(&sha, world, move || {
-                if let Some(b) = fetched {
-                    return Ok(b);
-                }
-                // Cached blobs are checked again: the disk is not the signer.
-                let b = std::fs::read(&path)?;
-                check_blob(&m, &b).map_err(anyhow::Error::msg)?;
-                Ok(b)
+        let loaded = if let Some(plugin) = self.runtime.loaded(&manifest.sha256) {
+            Ok((plugin, true))
+        } else {
+            tokio::task::spawn_blocking(move || {
+                let (sha, world) = (m.sha256.clone(), m.world);
+                runtime.load(&sha, world, move || {
+                    if let Some(b) = fetched {
+                        return Ok(b);
+                    }
+                    // Cached blobs are checked again: the disk is not the signer.
+                    let b = std::fs::read(&path)?;
+                    check_blob(&m, &b).map_err(anyhow::Error::msg)?;
+                    Ok(b)
+                })
             })
-        })
-        .await
-        .map_err(|e| {
-            refuse(
-                FailureKind::AgentError,
-                format!("plugin load task failed: {e}"),
-            )
-        })?;
+            .await
+            .map_err(|e| {
+                refuse(
+                    FailureKind::AgentError,
+                    format!("plugin load task failed: {e}"),
+                )
+            })?
+        };
         let (plugin, from_cache) = loaded.inspect_err(|f| {
             if f.kind == FailureKind::AgentError {
                 // A bad cached blob: drop it so the next attempt fetches afresh.
@@ -777,7 +781,8 @@ impl Reporter {
     }
 }
 
-/// Sends live output as progress reports, gathered into pieces of up to [`LIVE_BATCH`]
+/// Reports the job started, once it has run for [`STARTED_AFTER`] or has output, then
+/// sends live output as progress reports, gathered into pieces of up to [`LIVE_BATCH`]
 /// bytes, until the run ends. Forwards at most `cap` bytes per stream; returns how many
 /// bytes it dropped.
 async fn forward_live(
@@ -787,12 +792,25 @@ async fn forward_live(
     mut rx: mpsc::Receiver<LiveChunk>,
     cap: u64,
 ) -> u64 {
+    let mut early = match tokio::time::timeout(STARTED_AFTER, rx.recv()).await {
+        // Over already: its result says all.
+        Ok(None) => return 0,
+        Ok(Some(chunk)) => Some(chunk),
+        Err(_) => None,
+    };
+    reporter.send(&env, &seq, ProgressEvent::Started);
     let mut sent = [0u64; 2];
     let mut dropped = 0u64;
     let mut tails: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
     let mut closed = false;
     while !closed {
-        let Some(first) = rx.recv().await else { break };
+        let first = match early.take() {
+            Some(chunk) => chunk,
+            None => match rx.recv().await {
+                Some(chunk) => chunk,
+                None => break,
+            },
+        };
         let mut batch = vec![first];
         let flush_at = tokio::time::Instant::now() + LIVE_LINGER;
         while batch.iter().map(|c| c.data.len()).sum::<usize>() < LIVE_BATCH {

@@ -474,6 +474,16 @@ impl Runtime {
             || self.compiled_path(sha256).exists()
     }
 
+    /// The plugin, if it is loaded in memory already: no disk, no compiling, so callers
+    /// need not leave the async workers for it.
+    pub fn loaded(&self, sha256: &str) -> Option<LoadedPlugin> {
+        self.loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(sha256)
+            .cloned()
+    }
+
     /// Loads a plugin: from memory, else the on-disk precompiled cache, else by compiling
     /// `bytes()` (which the caller has already verified) and caching the result.
     /// Returns the plugin and whether a cache was used.
@@ -483,13 +493,8 @@ impl Runtime {
         world: World,
         bytes: impl FnOnce() -> anyhow::Result<Vec<u8>>,
     ) -> Result<(LoadedPlugin, bool), Failure> {
-        if let Some(p) = self
-            .loaded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(sha256)
-        {
-            return Ok((p.clone(), true));
+        if let Some(p) = self.loaded(sha256) {
+            return Ok((p, true));
         }
         let compile_failed = |e: String| Failure {
             kind: FailureKind::CompileFailed,

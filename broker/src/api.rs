@@ -465,16 +465,29 @@ pub struct JobQuery {
     /// How many results the caller already has.
     #[serde(default)]
     pub done: Option<usize>,
+    /// List only the targets updated at or after this time (the server's clock, as in
+    /// `updated_ms`); `counts` still covers every target. A follower passes the largest
+    /// `updated_ms` it has seen, so each result travels about once.
+    #[serde(default)]
+    pub since_ms: Option<u64>,
 }
 
 pub use crate::command::JobView;
 
-fn job_view(s: &ApiState, id: &str) -> Result<JobView, ApiError> {
+fn job_view(s: &ApiState, id: &str, since_ms: Option<u64>) -> Result<JobView, ApiError> {
     let store = s.control.store();
     let job = store
         .job(id)?
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no job {id}")))?;
-    Ok(JobView::new(job, store.rollout(id)?, store.targets(id)?))
+    Ok(match since_ms {
+        None => JobView::new(job, store.rollout(id)?, store.targets(id)?),
+        Some(since) => JobView {
+            job,
+            counts: store.state_counts(id)?,
+            rollout: store.rollout(id)?,
+            targets: store.targets_since(id, since)?,
+        },
+    })
 }
 
 async fn get_job(
@@ -496,7 +509,7 @@ async fn get_job(
             || done > q.done.unwrap_or(usize::MAX)
             || tokio::time::Instant::now() >= deadline
         {
-            return Ok(Json(job_view(&s, &id)?));
+            return Ok(Json(job_view(&s, &id, q.since_ms)?));
         }
         if tokio::time::timeout_at(deadline, changed.changed())
             .await

@@ -144,9 +144,19 @@ impl JobView {
         }
     }
 
-    /// Targets whose state is final.
-    pub fn finished(&self) -> usize {
-        self.targets.iter().filter(|t| t.is_done()).count()
+    /// All targets, from `counts` (which cover every target even when `targets` lists
+    /// only recent changes).
+    pub fn total(&self) -> usize {
+        self.counts.values().sum()
+    }
+
+    /// Targets in a final state, from `counts`.
+    pub fn done(&self) -> usize {
+        TargetState::ALL
+            .iter()
+            .filter(|s| s.is_final())
+            .map(|s| self.counts.get(s.as_str()).copied().unwrap_or(0))
+            .sum()
     }
 }
 

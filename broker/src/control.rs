@@ -460,16 +460,28 @@ impl ControlPlane {
     /// Carries out what a rollout decided.
     async fn apply(&self, job: &str, actions: Vec<Action>) {
         let mut settled = false;
+        // Dispatches go first and together: one store write for all of them.
+        let mut ready = Vec::new();
+        let mut rest = Vec::new();
         for action in actions {
             match action {
-                Action::Dispatch(agent) => {
-                    if let Err(e) = self.dispatch(job, &agent).await {
-                        let why = format!("the job could not be sent: {e:#}");
-                        tracing::error!(job.id = %job, agent.id = %agent, "{why}");
-                        self.settle(job, &agent, TargetState::Failed, &why);
+                Action::Dispatch(agent) => match self.envelope(job, &agent) {
+                    Ok(env) => ready.push(env),
+                    Err(e) => {
+                        self.dispatch_failed(job, &agent, &e);
                         settled = true;
                     }
-                }
+                },
+                other => rest.push(other),
+            }
+        }
+        for (agent, e) in self.send_envelopes(ready).await {
+            self.dispatch_failed(job, &agent, &e);
+            settled = true;
+        }
+        for action in rest {
+            match action {
+                Action::Dispatch(_) => {}
                 Action::Cancel(agent) => self.send_cancel(job, &agent).await,
                 Action::Settle(agent, state, why) => {
                     self.settle(job, &agent, state, &why);
@@ -504,9 +516,15 @@ impl ControlPlane {
         );
     }
 
-    /// Signs and sends one target's envelope of a rate-controlled job.
-    async fn dispatch(&self, job: &str, agent: &str) -> anyhow::Result<()> {
-        let env = {
+    fn dispatch_failed(&self, job: &str, agent: &str, e: &anyhow::Error) {
+        let why = format!("the job could not be sent: {e:#}");
+        tracing::error!(job.id = %job, agent.id = %agent, "{why}");
+        self.settle(job, agent, TargetState::Failed, &why);
+    }
+
+    /// One target's envelope of a rate-controlled job.
+    fn envelope(&self, job: &str, agent: &str) -> anyhow::Result<JobEnvelope> {
+        Ok({
             let r = self.rollouts();
             let a = r
                 .get(job)
@@ -532,31 +550,54 @@ impl ControlPlane {
                 not_before_ms: now_ms(),
                 expires_at_ms: a.expires_ms,
             }
-        };
-        self.send_envelope(&env).await
+        })
     }
 
-    /// Records a target as sent, then signs and publishes its envelope.
-    async fn send_envelope(&self, env: &JobEnvelope) -> anyhow::Result<()> {
-        let signed = Signed::sign(env, &self.shared.signer);
-        let body = serde_json::to_vec(&signed)?;
-        // Recorded before it goes out: the agent may answer before `publish` returns.
-        self.shared
-            .store
-            .mark_sent(&env.job_id, &env.agent_id, now_ms())?;
-        self.shared
-            .link
-            .publish(topics::down(&env.agent_id, Down::Job), body, false)
-            .await?;
-        self.emit(
-            &env.job_id,
-            &env.agent_id,
-            LiveWhat::State {
-                state: TargetState::Delivered,
-                detail: None,
-            },
-        );
-        Ok(())
+    /// Signs the envelopes (of one job), records their targets as sent in one store
+    /// write, then publishes them. Returns the targets that could not be sent, and why.
+    async fn send_envelopes(&self, envs: Vec<JobEnvelope>) -> Vec<(String, anyhow::Error)> {
+        let Some(job) = envs.first().map(|e| e.job_id.clone()) else {
+            return Vec::new();
+        };
+        debug_assert!(envs.iter().all(|e| e.job_id == job));
+        let mut failed = Vec::new();
+        let mut signed = Vec::with_capacity(envs.len());
+        for env in envs {
+            match serde_json::to_vec(&Signed::sign(&env, &self.shared.signer)) {
+                Ok(body) => signed.push((env.agent_id, body)),
+                Err(e) => failed.push((env.agent_id, e.into())),
+            }
+        }
+        // Recorded before they go out: an agent may answer before `publish` returns.
+        let agents: Vec<&str> = signed.iter().map(|(a, _)| a.as_str()).collect();
+        if let Err(e) = self.shared.store.mark_sent(&job, &agents, now_ms()) {
+            let why = format!("{e:#}");
+            failed.extend(
+                signed
+                    .into_iter()
+                    .map(|(a, _)| (a, anyhow::anyhow!("{why}"))),
+            );
+            return failed;
+        }
+        for (agent, body) in signed {
+            match self
+                .shared
+                .link
+                .publish(topics::down(&agent, Down::Job), body, false)
+                .await
+            {
+                Ok(()) => self.emit(
+                    &job,
+                    &agent,
+                    LiveWhat::State {
+                        state: TargetState::Delivered,
+                        detail: None,
+                    },
+                ),
+                Err(e) => failed.push((agent, e.into())),
+            }
+        }
+        failed
     }
 
     async fn send_cancel(&self, job: &str, agent: &str) {
@@ -870,6 +911,7 @@ impl ControlPlane {
                 agents,
             });
         }
+        let mut envelopes = Vec::with_capacity(agents.len());
         for agent in &agents {
             let mut parameters: std::collections::BTreeMap<String, Parameter> = req
                 .parameters
@@ -892,7 +934,14 @@ impl ControlPlane {
                 not_before_ms: now,
                 expires_at_ms: job.expires_ms,
             };
-            self.send_envelope(&env).await?;
+            envelopes.push(env);
+        }
+        let failed = self.send_envelopes(envelopes).await;
+        for (agent, e) in &failed {
+            self.dispatch_failed(&job.id, agent, e);
+        }
+        if !failed.is_empty() {
+            self.shared.results.send_modify(|n| *n += 1);
         }
         tracing::info!(
             job.id = %job.id,
@@ -973,7 +1022,6 @@ impl ControlPlane {
             }
             Up::Result => {
                 let result: JobResult = self.verify_from(agent, payload)?;
-                store.touch(agent, now)?;
                 anyhow::ensure!(
                     result.agent_id == agent,
                     "result on agent {agent}'s topic claims to be from {:?}",
@@ -996,27 +1044,20 @@ impl ControlPlane {
                         result.job_id, result.attempt, f.message
                     );
                     tracing::warn!(agent.id = %agent, "{msg}");
+                    store.touch(agent, now)?;
                     store.add_event(agent, "refused-envelope", &msg, now)?;
                     return Ok(());
                 }
-                match store.record_result(&result, now)? {
+                let audit = match &result.failure {
+                    Some(f) => format!(
+                        "{} v{}: {:?}: {}",
+                        result.plugin, result.plugin_version, f.kind, f.message
+                    ),
+                    None => format!("{} v{}", result.plugin, result.plugin_version),
+                };
+                match store.record_result(&result, now, &audit)? {
                     Recorded::Stored => {
                         tracing::info!(agent.id = %agent, job.id = %result.job_id, status = result.status.as_str(), "result stored");
-                        let detail = match &result.failure {
-                            Some(f) => format!(
-                                "{} v{}: {:?}: {}",
-                                result.plugin, result.plugin_version, f.kind, f.message
-                            ),
-                            None => format!("{} v{}", result.plugin, result.plugin_version),
-                        };
-                        store.audit(
-                            &format!("agent:{agent}"),
-                            "job.execute",
-                            &result.job_id,
-                            result.status.as_str(),
-                            &detail,
-                            now,
-                        )?;
                         let (state, detail) = crate::rollout::state_of(&result);
                         let actions = self
                             .rollouts()
@@ -1123,21 +1164,23 @@ impl ControlPlane {
 
     /// Parses a message an agent signed, checking it against the key it enrolled with.
     fn verify_from<T: Signable>(&self, agent: &str, payload: &[u8]) -> anyhow::Result<T> {
-        let store = &self.shared.store;
-        if store.is_deregistered(agent)? {
-            return Err(refusal(
-                "deregistered",
-                format!("agent {agent} is deregistered"),
-            ));
-        }
-        let Some(keys) = store.agent_keys(agent)? else {
-            return Err(refusal(
-                "unenrolled",
-                format!("agent {agent} has not enrolled a key"),
-            ));
+        let key = match self.shared.store.signing_key_of(agent)? {
+            Some((_, true)) => {
+                return Err(refusal(
+                    "deregistered",
+                    format!("agent {agent} is deregistered"),
+                ));
+            }
+            Some((key, false)) => key,
+            None => {
+                return Err(refusal(
+                    "unenrolled",
+                    format!("agent {agent} has not enrolled a key"),
+                ));
+            }
         };
         let signed: Signed<T> = serde_json::from_slice(payload)?;
-        signed.verify(&[keys.signing_key]).map_err(|e| {
+        signed.verify(&[key]).map_err(|e| {
             refusal(
                 "forged",
                 format!("not signed by agent {agent}'s enrolled key: {e}"),

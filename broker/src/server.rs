@@ -126,6 +126,7 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
             persistent_session: true,
             last_will: None,
             subscriptions: vec![topics::UP_FILTER.to_string()],
+            unsubscriptions: Vec::new(),
             on_connect: vec![],
             incoming_capacity: 4096,
         },

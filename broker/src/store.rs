@@ -353,6 +353,9 @@ pub enum Recorded {
     NoTarget,
 }
 
+/// How many prepared statements a connection keeps.
+const STATEMENT_CACHE: usize = 64;
+
 /// The store handle; clones share one connection.
 #[derive(Clone)]
 pub struct Store {
@@ -430,6 +433,8 @@ impl Store {
         )?;
         conn.execute_batch(SCHEMA).context("creating schema")?;
         migrate(&conn).context("upgrading the schema")?;
+        // Every statement on the hot paths is prepared once and kept.
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -439,11 +444,16 @@ impl Store {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Runs one statement, prepared once and cached.
+    fn exec(&self, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+        self.conn().prepare_cached(sql)?.execute(params)
+    }
+
     // ---- agents ----
 
     /// Records an agent's announcement; it is online.
     pub fn upsert_hello(&self, hello: &Hello, now: u64) -> anyhow::Result<()> {
-        self.conn().execute(
+        self.exec(
             "INSERT INTO agents (id, hostname, os, os_version, arch, agent_version, tags, online, first_seen_ms, last_seen_ms, status_changed_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?8, ?8)
              ON CONFLICT(id) DO UPDATE SET hostname = ?2, os = ?3, os_version = ?4, arch = ?5,
@@ -466,7 +476,7 @@ impl Store {
 
     /// Records presence. Unknown agents are created with what little is known.
     pub fn set_online(&self, id: &str, online: bool, now: u64) -> anyhow::Result<()> {
-        self.conn().execute(
+        self.exec(
             "INSERT INTO agents (id, online, first_seen_ms, last_seen_ms, status_changed_ms)
              VALUES (?1, ?2, ?3, ?3, ?3)
              ON CONFLICT(id) DO UPDATE SET
@@ -480,7 +490,7 @@ impl Store {
 
     /// Notes that an agent was heard from.
     pub fn touch(&self, id: &str, now: u64) -> anyhow::Result<()> {
-        self.conn().execute(
+        self.exec(
             "UPDATE agents SET last_seen_ms = ?2 WHERE id = ?1",
             params![id, to_i64(now)],
         )?;
@@ -595,13 +605,30 @@ impl Store {
     pub fn is_deregistered(&self, id: &str) -> anyhow::Result<bool> {
         Ok(self
             .conn()
-            .query_row(
-                "SELECT deregistered_ms IS NOT NULL FROM agents WHERE id = ?1",
-                params![id],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT deregistered_ms IS NOT NULL FROM agents WHERE id = ?1")?
+            .query_row(params![id], |r| r.get(0))
             .optional()?
             .unwrap_or(false))
+    }
+
+    /// The key agent `id` signs with, and whether it is deregistered; None when it has not
+    /// enrolled. One query, for checking every signed message an agent sends.
+    pub fn signing_key_of(
+        &self,
+        id: &str,
+    ) -> anyhow::Result<Option<(drover_protocol::keys::PublicKey, bool)>> {
+        let row: Option<(String, bool)> = self
+            .conn()
+            .prepare_cached(
+                "SELECT k.signing_key, a.deregistered_ms IS NOT NULL FROM agent_keys k
+                 LEFT JOIN agents a ON a.id = k.agent_id WHERE k.agent_id = ?1",
+            )?
+            .query_row(params![id], |r| {
+                Ok((r.get(0)?, r.get::<_, Option<bool>>(1)?.unwrap_or(false)))
+            })
+            .optional()?;
+        row.map(|(key, gone)| Ok((drover_protocol::keys::PublicKey::from_hex(&key)?, gone)))
+            .transpose()
     }
 
     /// A broker credential.
@@ -774,18 +801,25 @@ impl Store {
         Ok(())
     }
 
-    /// Marks a target's envelope as sent.
-    pub fn mark_sent(&self, job_id: &str, agent_id: &str, now: u64) -> anyhow::Result<()> {
-        self.conn().execute(
-            "UPDATE job_targets SET status = 'sent', state = 'delivered', dispatched_ms = ?3, updated_ms = ?3 WHERE job_id = ?1 AND agent_id = ?2 AND status = 'pending'",
-            params![job_id, agent_id, to_i64(now)],
-        )?;
+    /// Marks targets of one job as sent, in one transaction.
+    pub fn mark_sent(&self, job_id: &str, agent_ids: &[&str], now: u64) -> anyhow::Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE job_targets SET status = 'sent', state = 'delivered', dispatched_ms = ?3, updated_ms = ?3 WHERE job_id = ?1 AND agent_id = ?2 AND status = 'pending'",
+            )?;
+            for agent in agent_ids {
+                stmt.execute(params![job_id, agent, to_i64(now)])?;
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
 
     /// Records that the agent started a target.
     pub fn mark_started(&self, job_id: &str, agent_id: &str, now: u64) -> anyhow::Result<bool> {
-        let n = self.conn().execute(
+        let n = self.exec(
             "UPDATE job_targets SET state = 'in_progress', started_ms = ?3, updated_ms = ?3 WHERE job_id = ?1 AND agent_id = ?2 AND state IN ('pending', 'delivered')",
             params![job_id, agent_id, to_i64(now)],
         )?;
@@ -801,7 +835,7 @@ impl Store {
         detail: &str,
         now: u64,
     ) -> anyhow::Result<()> {
-        self.conn().execute(
+        self.exec(
             "UPDATE job_targets SET state = ?3, detail = ?4, finished_ms = ?5, updated_ms = ?5 WHERE job_id = ?1 AND agent_id = ?2 AND result IS NULL",
             params![job_id, agent_id, state.as_str(), detail, to_i64(now)],
         )?;
@@ -872,7 +906,7 @@ impl Store {
 
     /// Marks a rate-controlled job cancelled.
     pub fn cancel_rollout(&self, job_id: &str, now: u64) -> anyhow::Result<()> {
-        self.conn().execute(
+        self.exec(
             "UPDATE rollouts SET cancelled_ms = ?2 WHERE job_id = ?1 AND cancelled_ms IS NULL",
             params![job_id, to_i64(now)],
         )?;
@@ -881,7 +915,7 @@ impl Store {
 
     /// Marks a rate-controlled job done.
     pub fn finish_rollout(&self, job_id: &str, now: u64) -> anyhow::Result<()> {
-        self.conn().execute(
+        self.exec(
             "UPDATE rollouts SET done_ms = ?2 WHERE job_id = ?1 AND done_ms IS NULL",
             params![job_id, to_i64(now)],
         )?;
@@ -962,36 +996,57 @@ impl Store {
     }
 
     /// Records a result, at most once per (agent, job, attempt).
-    pub fn record_result(&self, r: &JobResult, now: u64) -> anyhow::Result<Recorded> {
-        let conn = self.conn();
-        let current: Option<(u32, Option<String>)> = conn
-            .query_row(
-                "SELECT attempt, result FROM job_targets WHERE job_id = ?1 AND agent_id = ?2",
-                params![r.job_id, r.agent_id],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
+    ///
+    /// One transaction notes that the agent was heard from, stores the result and, when
+    /// it is stored, appends `audit` (its actor, action, target and outcome come from the
+    /// result) to the audit log.
+    pub fn record_result(&self, r: &JobResult, now: u64, audit: &str) -> anyhow::Result<Recorded> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.prepare_cached("UPDATE agents SET last_seen_ms = ?2 WHERE id = ?1")?
+            .execute(params![r.agent_id, to_i64(now)])?;
+        let current: Option<(u32, Option<String>)> = tx
+            .prepare_cached(
+                "SELECT attempt, result IS NOT NULL FROM job_targets WHERE job_id = ?1 AND agent_id = ?2",
+            )?
+            .query_row(params![r.job_id, r.agent_id], |row| {
+                Ok((row.get(0)?, row.get::<_, bool>(1)?.then(String::new)))
+            })
             .optional()?;
-        match current {
-            None => Ok(Recorded::NoTarget),
-            Some((attempt, _)) if attempt != r.attempt => Ok(Recorded::NoTarget),
-            Some((_, Some(_))) => Ok(Recorded::Duplicate),
+        let recorded = match current {
+            None => Recorded::NoTarget,
+            Some((attempt, _)) if attempt != r.attempt => Recorded::NoTarget,
+            Some((_, Some(_))) => Recorded::Duplicate,
             Some((_, None)) => {
                 let (state, detail) = crate::rollout::state_of(r);
-                conn.execute(
+                tx.prepare_cached(
                     "UPDATE job_targets SET status = ?3, result = ?4, updated_ms = ?5, state = ?6, detail = ?7, finished_ms = ?5 WHERE job_id = ?1 AND agent_id = ?2 AND result IS NULL",
-                    params![
-                        r.job_id,
-                        r.agent_id,
-                        r.status.as_str(),
-                        serde_json::to_string(r)?,
-                        to_i64(now),
-                        state.as_str(),
-                        detail
-                    ],
-                )?;
-                Ok(Recorded::Stored)
+                )?
+                .execute(params![
+                    r.job_id,
+                    r.agent_id,
+                    r.status.as_str(),
+                    serde_json::to_string(r)?,
+                    to_i64(now),
+                    state.as_str(),
+                    detail
+                ])?;
+                tx.prepare_cached(
+                    "INSERT INTO audit (at_ms, actor, action, target, outcome, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![
+                    to_i64(now),
+                    format!("agent:{}", r.agent_id),
+                    "job.execute",
+                    r.job_id,
+                    r.status.as_str(),
+                    audit
+                ])?;
+                Recorded::Stored
             }
-        }
+        };
+        tx.commit()?;
+        Ok(recorded)
     }
 
     /// A job.
@@ -1008,11 +1063,16 @@ impl Store {
 
     /// A job's targets, by agent id.
     pub fn targets(&self, job_id: &str) -> anyhow::Result<Vec<TargetRow>> {
+        self.targets_since(job_id, 0)
+    }
+
+    /// A job's targets updated at or after `since_ms`, by agent id.
+    pub fn targets_since(&self, job_id: &str, since_ms: u64) -> anyhow::Result<Vec<TargetRow>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT agent_id, attempt, status, result, updated_ms, state, detail, dispatched_ms, started_ms, finished_ms FROM job_targets WHERE job_id = ?1 ORDER BY agent_id",
+            "SELECT agent_id, attempt, status, result, updated_ms, state, detail, dispatched_ms, started_ms, finished_ms FROM job_targets WHERE job_id = ?1 AND updated_ms >= ?2 ORDER BY agent_id",
         )?;
-        let rows = stmt.query_map(params![job_id], |r| {
+        let rows = stmt.query_map(params![job_id, to_i64(since_ms)], |r| {
             let result: Option<String> = r.get(3)?;
             let state: String = r.get(5)?;
             Ok(TargetRow {
@@ -1041,7 +1101,7 @@ impl Store {
         message: &str,
         now: u64,
     ) -> anyhow::Result<()> {
-        self.conn().execute(
+        self.exec(
             "INSERT INTO events (at_ms, agent_id, kind, message) VALUES (?1, ?2, ?3, ?4)",
             params![to_i64(now), agent_id, kind, message],
         )?;
@@ -1078,7 +1138,7 @@ impl Store {
         salt: &[u8],
         code_hash: &[u8],
     ) -> anyhow::Result<()> {
-        self.conn().execute(
+        self.exec(
             "INSERT INTO activations (id, salt, code_hash, agent_id, tags, max_uses, uses, created_ms, expires_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8)",
             params![
@@ -1138,7 +1198,7 @@ impl Store {
 
     /// Revokes an activation; false if there is none.
     pub fn revoke_activation(&self, id: &str, now: u64) -> anyhow::Result<bool> {
-        Ok(self.conn().execute(
+        Ok(self.exec(
             "UPDATE activations SET revoked_ms = ?2 WHERE id = ?1 AND revoked_ms IS NULL",
             params![id, to_i64(now)],
         )? > 0)
@@ -1146,7 +1206,7 @@ impl Store {
 
     /// Uses an activation once, if it still has uses; false if it has none left.
     pub fn use_activation(&self, id: &str) -> anyhow::Result<bool> {
-        Ok(self.conn().execute(
+        Ok(self.exec(
             "UPDATE activations SET uses = uses + 1 WHERE id = ?1 AND uses < max_uses",
             params![id],
         )? > 0)
@@ -1154,7 +1214,7 @@ impl Store {
 
     /// Records an agent's enrolled keys (replacing earlier ones).
     pub fn put_agent_keys(&self, k: &AgentKeys, now: u64) -> anyhow::Result<()> {
-        self.conn().execute(
+        self.exec(
             "INSERT INTO agent_keys (agent_id, signing_key, sealing_key, activation_id, enrolled_ms) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT(agent_id) DO UPDATE SET signing_key = ?2, sealing_key = ?3, activation_id = ?4, enrolled_ms = ?5",
             params![k.agent_id, k.signing_key.to_hex(), k.sealing_key, k.activation_id, to_i64(now)],
@@ -1195,7 +1255,7 @@ impl Store {
         detail: &str,
         now: u64,
     ) -> anyhow::Result<()> {
-        self.conn().execute(
+        self.exec(
             "INSERT INTO audit (at_ms, actor, action, target, outcome, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![to_i64(now), actor, action, target, outcome, detail],
         )?;

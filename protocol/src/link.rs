@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, Transport};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, SubscribeFilter, Transport,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -104,8 +106,11 @@ pub struct LinkOptions {
     pub persistent_session: bool,
     /// Published by the broker if the connection dies.
     pub last_will: Option<Publication>,
-    /// Subscribed (QoS 1) after every connect.
+    /// Subscribed (QoS 1, in one SUBSCRIBE) after every connect.
     pub subscriptions: Vec<String>,
+    /// Unsubscribed after every connect, once `subscriptions` are in place: filters that
+    /// an older version left in a persistent session.
+    pub unsubscriptions: Vec<String>,
     /// Published (QoS 1) after every connect, after subscribing.
     pub on_connect: Vec<Publication>,
     /// Capacity of the incoming-message channel.
@@ -294,11 +299,20 @@ async fn run(
                 // by this very loop.
                 let client = client.clone();
                 let subs = opts.subscriptions.clone();
+                let unsubs = opts.unsubscriptions.clone();
                 let pubs = opts.on_connect.clone();
                 tokio::spawn(async move {
-                    for filter in subs {
-                        if let Err(e) = client.subscribe(filter.clone(), QoS::AtLeastOnce).await {
-                            tracing::warn!(%filter, error = %e, "subscribe failed");
+                    if !subs.is_empty() {
+                        let filters = subs
+                            .iter()
+                            .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                        if let Err(e) = client.subscribe_many(filters).await {
+                            tracing::warn!(filters = ?subs, error = %e, "subscribe failed");
+                        }
+                    }
+                    for filter in unsubs {
+                        if let Err(e) = client.unsubscribe(filter.clone()).await {
+                            tracing::warn!(%filter, error = %e, "unsubscribe failed");
                         }
                     }
                     for p in pubs {

@@ -67,6 +67,15 @@ impl Up {
 }
 
 impl Down {
+    /// Every kind, in the order agents subscribe to them.
+    pub const ALL: [Down; 5] = [
+        Down::Job,
+        Down::Chunk,
+        Down::Ack,
+        Down::Keyset,
+        Down::Cancel,
+    ];
+
     /// The last topic level.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -106,7 +115,18 @@ pub fn down(agent_id: &str, kind: Down) -> String {
     format!("{ROOT}/agents/{agent_id}/down/{}", kind.as_str())
 }
 
-/// The filter an agent subscribes to: everything sent to it.
+/// What an agent subscribes to: the exact topic of every [`Down`] kind.
+///
+/// Exact topics, not `down/#`: a broker finds an exact subscription with one lookup,
+/// while each wildcard filter must be tested against every publish (with mqtt5 0.49 one
+/// by one), so a fleet of wildcard subscribers makes every message cost O(agents).
+pub fn down_topics(agent_id: &str) -> Vec<String> {
+    Down::ALL.iter().map(|&kind| down(agent_id, kind)).collect()
+}
+
+/// Everything sent to one agent, as one wildcard filter. Agents subscribe to
+/// [`down_topics`] instead; older agents subscribed to this in their persistent sessions,
+/// so agents now unsubscribe from it after every connect.
 pub fn down_filter(agent_id: &str) -> String {
     format!("{ROOT}/agents/{agent_id}/down/#")
 }
@@ -161,10 +181,29 @@ mod tests {
             assert_eq!(parse_up(&t), Some(("web-1", kind)));
             assert_eq!(parse_down(&t), None);
         }
-        for kind in [Down::Job, Down::Chunk, Down::Ack, Down::Keyset] {
+        for kind in Down::ALL {
             let t = down("web-1", kind);
             assert_eq!(parse_down(&t), Some(("web-1", kind)));
             assert_eq!(parse_up(&t), None);
+        }
+    }
+
+    #[test]
+    fn an_agent_subscribes_to_every_down_kind_exactly() {
+        // Adding a `Down` variant without listing it in `Down::ALL` would leave agents
+        // deaf to it; this match stops compiling when a variant is added.
+        let listed = |kind: Down| match kind {
+            Down::Job | Down::Chunk | Down::Ack | Down::Keyset | Down::Cancel => {
+                Down::ALL.contains(&kind)
+            }
+        };
+        assert!(Down::ALL.into_iter().all(listed));
+        assert_eq!(Down::ALL.len(), 5);
+        let subs = down_topics("web-1");
+        assert_eq!(subs.len(), Down::ALL.len());
+        for (t, kind) in subs.iter().zip(Down::ALL) {
+            assert!(!t.contains(['+', '#']), "{t} is a wildcard filter");
+            assert_eq!(parse_down(t), Some(("web-1", kind)));
         }
     }
 

@@ -3,7 +3,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
-use super::run::{EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, RateArgs};
+use super::run::{EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, RateArgs, wait_for_targets};
 use super::{Ctx, Output, parse_duration, parse_tag, print_json};
 use crate::api::{JobSummary, JobView};
 use crate::command::{CommandOutput, CommandRequest, Stream};
@@ -186,33 +186,19 @@ pub fn run_command(ctx: &Ctx, a: RunCommandArgs) -> anyhow::Result<i32> {
         }
     }
 
-    let mut printed: HashSet<String> = HashSet::new();
-    let mut view: JobView;
-    let mut done = 0;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        view = client.get(
-            "command status",
-            &format!(
-                "/api/v1/jobs/{}?done={done}&wait_ms={}",
-                created.job_id,
-                left.as_millis().min(30_000)
-            ),
-        )?;
-        done = view.finished();
-        if ctx.output == Output::Text {
-            for t in &view.targets {
-                if t.is_done() && printed.insert(t.agent_id.clone()) {
-                    print_target(t, !streamed.contains(&t.agent_id));
-                }
-            }
+    let text = ctx.output == Output::Text;
+    let view = wait_for_targets(&client, "command status", &created.job_id, deadline, |t| {
+        if text {
+            print_target(t, !streamed.contains(&t.agent_id));
         }
-        if view.finished() == view.targets.len() || Instant::now() >= deadline {
-            break;
-        }
-    }
+        Ok(())
+    })?;
     if ctx.output == Output::Json {
-        print_json(&view)?;
+        let full: JobView = client.get(
+            "command status",
+            &format!("/api/v1/jobs/{}", created.job_id),
+        )?;
+        print_json(&full)?;
     } else {
         eprintln!(
             "{} after {:.1}s: {}",
@@ -220,7 +206,7 @@ pub fn run_command(ctx: &Ctx, a: RunCommandArgs) -> anyhow::Result<i32> {
             started.elapsed().as_secs_f64(),
             counts_line(&view)
         );
-        if view.finished() < view.targets.len() {
+        if view.done() < view.total() {
             eprintln!(
                 "still running: see `drover command show {}`",
                 created.job_id
@@ -232,9 +218,14 @@ pub fn run_command(ctx: &Ctx, a: RunCommandArgs) -> anyhow::Result<i32> {
 
 /// 0 when every target succeeded, 1 when some did not, 2 when some are not final.
 fn exit_code(view: &JobView) -> i32 {
-    if view.finished() < view.targets.len() {
+    let success = view
+        .counts
+        .get(TargetState::Success.as_str())
+        .copied()
+        .unwrap_or(0);
+    if view.done() < view.total() {
         EXIT_TIMEOUT
-    } else if view.targets.iter().all(|t| t.state == TargetState::Success) {
+    } else if success == view.total() {
         EXIT_OK
     } else {
         EXIT_FAILED

@@ -171,47 +171,30 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> anyhow::Result<i32> {
         a.timeout + Duration::from_secs(30)
     });
     let deadline = started + wait;
-    let mut printed = std::collections::HashSet::new();
-    let mut done = 0usize;
-    let mut view: JobView;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        view = client.get(
-            "job status",
-            &format!(
-                "/api/v1/jobs/{}?done={done}&wait_ms={}",
-                created.job_id,
-                left.as_millis().min(30_000)
+    let mut summary = Summary::default();
+    let view = wait_for_targets(&client, "job status", &created.job_id, deadline, |t| {
+        summary.add(t);
+        match &t.result {
+            Some(r) => print_result(ctx.output, r)?,
+            // Settled by the server (undeliverable, cancelled, timed out): no result.
+            None if ctx.output == Output::Json => println!("{}", serde_json::to_string(t)?),
+            None => println!(
+                "{:<20} {:<9} {:>6}     {}",
+                t.agent_id,
+                t.state.as_str(),
+                "",
+                t.detail.as_deref().unwrap_or("")
             ),
-        )?;
-        for t in &view.targets {
-            if !t.is_done() || !printed.insert(t.agent_id.clone()) {
-                continue;
-            }
-            match &t.result {
-                Some(r) => print_result(ctx.output, r)?,
-                // Settled by the server (undeliverable, cancelled, timed out): no result.
-                None if ctx.output == Output::Json => println!("{}", serde_json::to_string(t)?),
-                None => println!(
-                    "{:<20} {:<9} {:>6}     {}",
-                    t.agent_id,
-                    t.state.as_str(),
-                    "",
-                    t.detail.as_deref().unwrap_or("")
-                ),
-            }
         }
-        done = view.finished();
-        if done == view.targets.len() || Instant::now() >= deadline {
-            break;
-        }
-    }
-    let summary = Summary::of(&view.targets);
+        Ok(())
+    })?;
+    let (total, done) = (view.total(), view.done());
+    summary.waiting = total - done;
     if ctx.output == Output::Text {
         eprintln!(
             "{} of {} in after {:.1}s: {} succeeded, {} failed, {} rejected{}",
             done,
-            view.targets.len(),
+            total,
             started.elapsed().as_secs_f64(),
             summary.succeeded,
             summary.failed,
@@ -229,6 +212,61 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> anyhow::Result<i32> {
     Ok(summary.exit_code())
 }
 
+/// How often, at most, a waiting CLI asks for a job's progress: results that arrive
+/// together are fetched together.
+const MIN_POLL: Duration = Duration::from_millis(250);
+
+/// How far back of the newest `updated_ms` seen each poll asks again, for a target whose
+/// state was stamped just before, but stored just after, the previous answer.
+const SINCE_MARGIN_MS: u64 = 1000;
+
+/// Waits until every target of a job is done or `deadline` passes, and calls `finished`
+/// once for each target as it becomes done. Each poll fetches only the targets that
+/// changed since the previous one, so a job's outputs cross the wire about once, however
+/// many targets it has. Returns the last view: its counts cover every target, its
+/// `targets` only the last changes.
+pub fn wait_for_targets(
+    client: &crate::client::Client,
+    what: &str,
+    job_id: &str,
+    deadline: Instant,
+    mut finished: impl FnMut(&TargetRow) -> anyhow::Result<()>,
+) -> anyhow::Result<JobView> {
+    let mut handed: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let (mut since, mut done) = (0u64, 0usize);
+    loop {
+        let polled = Instant::now();
+        let left = deadline.saturating_duration_since(polled);
+        let view: JobView = client.get(
+            what,
+            &format!(
+                "/api/v1/jobs/{job_id}?done={done}&wait_ms={}&since_ms={since}",
+                left.as_millis().min(30_000)
+            ),
+        )?;
+        for t in &view.targets {
+            since = since.max(t.updated_ms.saturating_sub(SINCE_MARGIN_MS));
+            if t.is_done() && handed.insert(t.agent_id.clone()) {
+                finished(t)?;
+            }
+        }
+        done = view.done();
+        if done == view.total() || Instant::now() >= deadline {
+            if handed.len() < done {
+                // Counted but not yet listed: fetch them all once more.
+                let all: JobView = client.get(what, &format!("/api/v1/jobs/{job_id}"))?;
+                for t in all.targets.iter().filter(|t| t.is_done()) {
+                    if handed.insert(t.agent_id.clone()) {
+                        finished(t)?;
+                    }
+                }
+            }
+            return Ok(view);
+        }
+        std::thread::sleep(MIN_POLL.saturating_sub(polled.elapsed()).min(left));
+    }
+}
+
 /// Counts of target outcomes.
 #[derive(Debug, Default)]
 struct Summary {
@@ -242,16 +280,24 @@ impl Summary {
     fn of(targets: &[TargetRow]) -> Summary {
         let mut s = Summary::default();
         for t in targets {
-            match t.result.as_ref().map(|r| r.status) {
-                Some(ResultStatus::Succeeded) => s.succeeded += 1,
-                Some(ResultStatus::Failed) => s.failed += 1,
-                Some(ResultStatus::Rejected) => s.rejected += 1,
-                // Settled by the server without a result: undeliverable, cancelled.
-                None if t.is_done() => s.failed += 1,
-                None => s.waiting += 1,
+            if t.is_done() {
+                s.add(t);
+            } else {
+                s.waiting += 1;
             }
         }
         s
+    }
+
+    /// Counts a target that is done.
+    fn add(&mut self, t: &TargetRow) {
+        match t.result.as_ref().map(|r| r.status) {
+            Some(ResultStatus::Succeeded) => self.succeeded += 1,
+            Some(ResultStatus::Failed) => self.failed += 1,
+            Some(ResultStatus::Rejected) => self.rejected += 1,
+            // Settled by the server without a result: undeliverable, cancelled.
+            None => self.failed += 1,
+        }
     }
 
     fn exit_code(&self) -> i32 {

@@ -19,7 +19,7 @@
 //! | field    | type              | runs                                                    |
 //! |----------|-------------------|---------------------------------------------------------|
 //! | `script` | string            | `SHELL -c SCRIPT`                                       |
-//! | `argv`   | non-empty strings | `SHELL -c 'exec "$@"' sh ARGV...`: the shell finds the program in `PATH` and passes the arguments through untouched |
+//! | `argv`   | non-empty strings | `ARGV[0] ARGV[1..]` directly when `ARGV[0]` is a clean absolute path and no `shell` is given; otherwise `SHELL -c 'exec "$@"' sh ARGV...`: the shell finds the program in `PATH` and passes the arguments through untouched |
 //!
 //! and, optionally,
 //!
@@ -44,7 +44,8 @@
 //! `text` is what the agent kept of the stream (up to the job's output limit), as UTF-8
 //! with invalid sequences replaced; `total_bytes` is how much the program wrote in all.
 //! `exit_code` is `-1` when a signal ended the program, and `127` when the shell found
-//! no such program. A program that ran and failed is a result, not an error: errors are
+//! no such program (an absolute `argv[0]` that cannot be started is an error that says
+//! why). A program that ran and failed is a result, not an error: errors are
 //! for a command that could not run (bad input, not granted, could not start) and pass on
 //! the agent's message. There is no timeout of its own: the job's deadline stops the
 //! command and everything it started.
@@ -102,7 +103,8 @@ pub fn parse(input: &str) -> Result<Request, String> {
             FIELDS.join(", ")
         ));
     }
-    let program = optional_string(fields, "shell")?.unwrap_or(DEFAULT_SHELL);
+    let shell = optional_string(fields, "shell")?;
+    let mut program = shell.unwrap_or(DEFAULT_SHELL).to_owned();
     if !program.starts_with('/') {
         return Err(format!(
             "\"shell\" must be an absolute path, not {program:?}"
@@ -123,9 +125,16 @@ pub fn parse(input: &str) -> Result<Request, String> {
             if argv.first().is_none_or(|p| p.is_empty()) {
                 return Err("\"argv\" must start with a program name or path".to_owned());
             }
-            let mut args = vec!["-c".to_owned(), EXEC_ARGV.to_owned(), "sh".to_owned()];
-            args.extend(argv);
-            args
+            if shell.is_none() && is_clean_absolute(&argv[0]) {
+                // Nothing for a shell to look up: one process fewer to start.
+                let mut argv = argv.into_iter();
+                program = argv.next().unwrap_or_default();
+                argv.collect()
+            } else {
+                let mut args = vec!["-c".to_owned(), EXEC_ARGV.to_owned(), "sh".to_owned()];
+                args.extend(argv);
+                args
+            }
         }
     };
     let mut env = match fields.get("env") {
@@ -148,13 +157,23 @@ pub fn parse(input: &str) -> Result<Request, String> {
         Some(_) => return Err("\"stream\" must be true or false".to_owned()),
     };
     Ok(Request {
-        program: program.to_owned(),
+        program,
         args,
         working_dir: optional_string(fields, "cwd")?.map(str::to_owned),
         env,
         run_as: optional_string(fields, "run_as")?.map(str::to_owned),
         stream,
     })
+}
+
+/// `/` followed by non-empty components, none of them `.` or `..`, and no NUL: a path
+/// the agent accepts as a program without resolving anything.
+fn is_clean_absolute(path: &str) -> bool {
+    !path.contains('\0')
+        && path.strip_prefix('/').is_some_and(|rest| {
+            rest.split('/')
+                .all(|c| !c.is_empty() && c != "." && c != "..")
+        })
 }
 
 /// One output stream of a finished command.
@@ -250,6 +269,24 @@ mod tests {
         );
         assert_eq!(r.run_as.as_deref(), Some("nobody"));
         assert!(!r.stream);
+    }
+
+    #[test]
+    fn an_absolute_program_runs_without_a_shell() {
+        let r = parse(r#"{"argv": ["/bin/echo", "a b", "$HOME"]}"#).unwrap();
+        assert_eq!(r.program, "/bin/echo");
+        assert_eq!(r.args, ["a b", "$HOME"]);
+        // A path the agent would have to resolve, or a shell asked for, keeps the shell.
+        for input in [
+            r#"{"argv": ["/bin/../bin/echo", "x"]}"#,
+            r#"{"argv": ["/bin//echo", "x"]}"#,
+            r#"{"argv": ["/bin/echo/", "x"]}"#,
+            r#"{"argv": ["/bin/echo", "x"], "shell": "/bin/sh"}"#,
+        ] {
+            let r = parse(input).unwrap();
+            assert_eq!(r.program, "/bin/sh", "{input}");
+            assert_eq!(&r.args[..3], ["-c", EXEC_ARGV, "sh"], "{input}");
+        }
     }
 
     #[test]

@@ -157,6 +157,27 @@ fn commands_report_exit_codes_output_environment_and_capped_output() {
             .contains("no-such-program-x"),
         "{t:#}"
     );
+
+    // An absolute program runs without a shell: its arguments arrive untouched, and one
+    // that cannot be started fails with the reason instead of a shell's 127.
+    let (code, view, err) = run_command(
+        &server,
+        &["-t", "cmd-1", "--", "/bin/echo", "a  b", "$HOME", "*"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        output(target(&view, "cmd-1"))["stdout"]["text"],
+        "a  b $HOME *\n"
+    );
+    let (code, view, _) = run_command(&server, &["-t", "cmd-1", "--", "/no/such/program-y"]);
+    assert_eq!(code, 1);
+    let t = target(&view, "cmd-1");
+    assert_eq!(t["state"], "failed", "{t:#}");
+    let why = t["detail"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("/no/such/program-y") && why.contains("could not be started"),
+        "{t:#}"
+    );
 }
 
 #[test]
@@ -334,6 +355,28 @@ fn rate_control_holds_in_the_servers_records() {
     }
     let peak = peak_in_flight(&view);
     assert_eq!(peak, 2, "in flight at most 2, and 2 were used");
+
+    // For people: each target is printed once, with its output, as it finishes.
+    let out = server.cli(&[
+        "run-command",
+        "-t",
+        "tag:group=rate",
+        "--max-concurrency",
+        "2",
+        "--script",
+        "sleep 0.2; echo from-the-script",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    for id in &ids {
+        let lines = stdout
+            .lines()
+            .filter(|l| l.starts_with(id.as_str()))
+            .count();
+        assert_eq!(lines, 1, "{id} printed {lines} times:\n{stdout}");
+    }
+    assert_eq!(stdout.matches("from-the-script").count(), 6, "{stdout}");
+    assert!(stderr.contains("6 success"), "{stderr}");
 
     // Every target fails; one error is tolerated, so two run and four never start.
     let (code, view, err) = run_command(
