@@ -111,11 +111,50 @@ impl ExecError {
 }
 
 /// Live output of a running program, best effort: the bounded channel drops what a slow
-/// reader cannot take, counted.
+/// reader cannot take, counted. Whether or not it is forwarded, what the program writes
+/// is also kept (up to the cap) in the sink's [`Partial`] until the program ends, so the
+/// output of a program stopped by its job's deadline or a cancel is not lost.
 #[derive(Debug, Clone)]
 pub struct LiveSink {
     tx: mpsc::Sender<LiveChunk>,
     dropped: Arc<AtomicU64>,
+    partial: Partial,
+    forward: bool,
+}
+
+/// What the program running now has written so far: stdout, then stderr.
+#[derive(Debug, Clone, Default)]
+pub struct Partial(Arc<std::sync::Mutex<[Captured; 2]>>);
+
+/// Part of one output stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Captured {
+    /// The first bytes, up to the cap.
+    pub kept: Vec<u8>,
+    /// How many bytes were written in all.
+    pub total: u64,
+}
+
+impl Partial {
+    fn lock(&self) -> std::sync::MutexGuard<'_, [Captured; 2]> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record(&self, stream: StreamName, data: &[u8], cap: usize) {
+        let mut streams = self.lock();
+        let c = &mut streams[match stream {
+            StreamName::Stdout => 0,
+            StreamName::Stderr => 1,
+        }];
+        let room = cap.saturating_sub(c.kept.len());
+        c.kept.extend_from_slice(&data[..data.len().min(room)]);
+        c.total = c.total.saturating_add(data.len() as u64);
+    }
+
+    /// Takes what was kept, leaving nothing: `[stdout, stderr]`.
+    pub fn take(&self) -> [Captured; 2] {
+        std::mem::take(&mut *self.lock())
+    }
 }
 
 /// One piece of a program's output, as it was read from its pipe.
@@ -136,9 +175,25 @@ impl LiveSink {
             LiveSink {
                 tx,
                 dropped: Arc::default(),
+                partial: Partial::default(),
+                forward: true,
             },
             rx,
         )
+    }
+
+    /// This sink, keeping output in its [`Partial`] but forwarding nothing: for programs
+    /// whose command did not ask to stream.
+    pub fn keep_only(&self) -> LiveSink {
+        LiveSink {
+            forward: false,
+            ..self.clone()
+        }
+    }
+
+    /// Where the running program's output is kept until it ends.
+    pub fn partial(&self) -> Partial {
+        self.partial.clone()
     }
 
     /// How many bytes of output were dropped, in all clones of this sink, because the
@@ -147,8 +202,13 @@ impl LiveSink {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    /// Offers a piece without waiting: a program is never slowed down by its reader.
-    fn offer(&self, stream: StreamName, data: &[u8]) {
+    /// Keeps a piece (up to `cap` bytes of each stream) and offers it without waiting: a
+    /// program is never slowed down by its reader.
+    fn offer(&self, stream: StreamName, data: &[u8], cap: usize) {
+        self.partial.record(stream, data, cap);
+        if !self.forward {
+            return;
+        }
         let chunk = LiveChunk {
             stream,
             data: data.to_vec(),
@@ -354,6 +414,11 @@ pub async fn run(
                 });
             }
         };
+    // It ended on its own: what it wrote comes back whole below, so nothing partial is
+    // left for a later stop to report.
+    if let Some(live) = live {
+        live.partial.take();
+    }
     let status = status.map_err(|e| ExecError {
         message: format!("waiting for program {path} failed: {e}"),
         retryable: true,
@@ -391,7 +456,7 @@ async fn read_capped(
                 kept.extend_from_slice(&buf[..n.min(room)]);
                 total = total.saturating_add(n as u64);
                 if let Some((sink, stream)) = live {
-                    sink.offer(stream, &buf[..n]);
+                    sink.offer(stream, &buf[..n], cap);
                 }
             }
         }
@@ -589,6 +654,36 @@ mod tests {
         .unwrap_err();
         assert!(e.message.contains("could not be started"), "{e:?}");
         assert!(!e.retryable);
+    }
+
+    #[tokio::test]
+    async fn a_stopped_program_leaves_its_output_so_far_and_a_finished_one_nothing() {
+        let (sink, mut rx) = LiveSink::new(64);
+        let quiet = sink.keep_only();
+        // Stopped by its timeout: what it wrote is kept, capped, with the full count.
+        let e = run(
+            &sh("echo hello; printf 'x%.0s' $(seq 50) >&2; sleep 5"),
+            Duration::from_millis(700),
+            20,
+            Some(&quiet),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.message.contains("did not finish"), "{e:?}");
+        let [out, err] = sink.partial().take();
+        assert_eq!(out.kept, b"hello\n");
+        assert_eq!(err.kept.len(), 20);
+        assert_eq!(err.total, 50);
+        // Nothing was forwarded: the command did not ask to stream.
+        assert!(rx.try_recv().is_err());
+        // A program that ends on its own returns its output; nothing partial is left.
+        run(&sh("echo done"), Duration::from_secs(10), 20, Some(&quiet))
+            .await
+            .unwrap();
+        assert_eq!(
+            sink.partial().take(),
+            [Captured::default(), Captured::default()]
+        );
     }
 
     #[tokio::test]

@@ -195,6 +195,7 @@ impl Executor {
                     already
                 };
                 let (live, live_rx) = LiveSink::new(LIVE_CAPACITY);
+                let partial = live.partial();
                 let forwarder = tokio::spawn(forward_live(
                     self.reporter(),
                     env.clone(),
@@ -237,7 +238,10 @@ impl Executor {
                     }
                 }
                 match outcome {
-                    Err(failure) => job.failure = Some(failure),
+                    Err(failure) => {
+                        job.failure = Some(failure);
+                        job.output = partial_output(&partial);
+                    }
                     Ok(outcome) => {
                         job.timings.run_ms = outcome.run_time.as_millis() as u64;
                         job.stdout = outcome.stdout;
@@ -251,6 +255,7 @@ impl Executor {
                             Err(f) => {
                                 job.status = ResultStatus::Failed;
                                 job.failure = Some(f);
+                                job.output = partial_output(&partial);
                             }
                         }
                     }
@@ -779,6 +784,28 @@ impl Reporter {
             tracing::debug!(job.id = %env.job_id, error = %e, "progress not sent");
         }
     }
+}
+
+/// What a program stopped before its end (by the job's deadline, a cancel, or its own
+/// timeout) had written, as a command runner's output marked `partial`, without an exit
+/// code; None when no program was cut short or it wrote nothing.
+fn partial_output(partial: &crate::exec::Partial) -> Option<serde_json::Value> {
+    let [stdout, stderr] = partial.take();
+    if stdout.total == 0 && stderr.total == 0 {
+        return None;
+    }
+    let stream = |c: &crate::exec::Captured| {
+        serde_json::json!({
+            "text": String::from_utf8_lossy(&c.kept),
+            "total_bytes": c.total,
+            "truncated": c.total > c.kept.len() as u64,
+        })
+    };
+    Some(serde_json::json!({
+        "partial": true,
+        "stdout": stream(&stdout),
+        "stderr": stream(&stderr),
+    }))
 }
 
 /// Reports the job started, once it has run for [`STARTED_AFTER`] or has output, then

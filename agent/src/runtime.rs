@@ -194,7 +194,14 @@ impl process::Host for Host {
             env: request.env,
             run_as,
         };
-        let live = self.live.as_ref().filter(|_| request.stream_output);
+        let live = self.live.as_ref().map(|l| {
+            if request.stream_output {
+                l.clone()
+            } else {
+                l.keep_only()
+            }
+        });
+        let live = live.as_ref();
         let started = Instant::now();
         // Arguments and the environment are not logged: they may carry parameters.
         let result = crate::exec::run(&program, timeout, self.output_cap, live).await;

@@ -186,11 +186,16 @@ pub struct Stream {
     pub truncated: bool,
 }
 
-/// What a command runner returns.
+/// What a command runner returns; or, for a command stopped by its timeout or a cancel,
+/// what the agent kept of its output, marked `partial` and without an exit code.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandOutput {
-    /// The exit code; -1 when a signal ended it.
-    pub exit_code: i64,
+    /// The exit code; -1 when a signal ended it; none when the command was stopped.
+    #[serde(default)]
+    pub exit_code: Option<i64>,
+    /// Output of a command that was stopped before it ended.
+    #[serde(default)]
+    pub partial: bool,
     /// Stdout.
     #[serde(default)]
     pub stdout: Stream,

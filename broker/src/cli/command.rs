@@ -283,17 +283,17 @@ fn print_live(e: &LiveEvent, streamed: &mut HashSet<String>) {
 /// One line for a target: state, exit code, time, and why.
 fn target_line(t: &TargetRow) -> String {
     let out = CommandOutput::of(t);
-    let exit = out
-        .as_ref()
-        .map(|o| format!("exit {}", o.exit_code))
-        .unwrap_or_default();
+    let exit = match out.as_ref().and_then(|o| o.exit_code) {
+        Some(code) => format!("exit {code}"),
+        None => String::new(),
+    };
     let ms = t
         .result
         .as_ref()
         .map(|r| format!("{} ms", r.duration_ms))
         .unwrap_or_default();
     let detail = match (&out, &t.detail) {
-        (Some(o), _) if o.exit_code == 0 => String::new(),
+        (Some(o), _) if o.exit_code == Some(0) => String::new(),
         (_, Some(d)) => d.clone(),
         _ => String::new(),
     };
@@ -329,6 +329,9 @@ fn print_stream(name: &str, s: &Stream) {
 fn print_target(t: &TargetRow, with_output: bool) {
     println!("{}", target_line(t));
     if with_output && let Some(o) = CommandOutput::of(t) {
+        if o.partial {
+            println!("  [stopped before it ended: the output it had written]");
+        }
         print_stream("stdout", &o.stdout);
         print_stream("stderr", &o.stderr);
     }

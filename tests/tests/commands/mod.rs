@@ -158,6 +158,26 @@ fn commands_report_exit_codes_output_environment_and_capped_output() {
         "{t:#}"
     );
 
+    // A reader that goes away ends the CLI quietly, as it ends `cat`: no panic about a
+    // broken pipe. The pipe is closed before the CLI writes anything.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(bin("drover"))
+        .arg("--data-dir")
+        .arg(&server.data)
+        .args(["command", "list"])
+        .stdin(std::process::Stdio::null())
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    {
+        use std::os::unix::process::ExitStatusExt as _;
+        assert_eq!(out.status.signal(), Some(13), "ended by SIGPIPE: {err}");
+    }
+
     // An absolute program runs without a shell: its arguments arrive untouched, and one
     // that cannot be started fails with the reason instead of a shell's 127.
     let (code, view, err) = run_command(
@@ -220,12 +240,18 @@ fn a_timeout_kills_the_whole_process_tree() {
             "--timeout",
             "2s",
             "--script",
-            "sleep 313 & sleep 314; wait",
+            "echo before the stop; echo on stderr >&2; sleep 313 & sleep 314; wait",
         ],
     );
     assert_eq!(code, 1, "{err}");
     let t = target(&view, "tree-1");
     assert_eq!(t["state"], "timed_out", "{t:#}");
+    // What it wrote before it was stopped is kept, marked partial, without an exit code.
+    let out = output(t);
+    assert_eq!(out["partial"], true, "{t:#}");
+    assert_eq!(out["stdout"]["text"], "before the stop\n", "{t:#}");
+    assert_eq!(out["stderr"]["text"], "on stderr\n", "{t:#}");
+    assert!(out.get("exit_code").is_none(), "{t:#}");
     wait_for(Duration::from_secs(5), "sleeps gone", || {
         (!running(&["sleep", "313"]) && !running(&["sleep", "314"])).then_some(())
     });
@@ -242,7 +268,7 @@ fn cancel_stops_running_commands_and_their_processes() {
         "cancel-1",
         "--no-wait",
         "--script",
-        "sleep 271 & sleep 272; wait",
+        "echo started-271; sleep 271 & sleep 272; wait",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let id = text(&out.stdout).trim().to_string();
@@ -264,6 +290,18 @@ fn cancel_stops_running_commands_and_their_processes() {
     });
     let t = target(&view, "cancel-1");
     assert_eq!(t["result"]["failure"]["kind"], "cancelled", "{t:#}");
+    assert_eq!(output(t)["partial"], true, "{t:#}");
+    assert_eq!(output(t)["stdout"]["text"], "started-271\n", "{t:#}");
+    // For people, `command show` prints it with the reason it is partial.
+    let shown = text(
+        &server
+            .cli(&["command", "show", &id, "--agent", "cancel-1"])
+            .stdout,
+    );
+    assert!(
+        shown.contains("stopped before it ended") && shown.contains("started-271"),
+        "{shown}"
+    );
     wait_for(Duration::from_secs(5), "sleeps gone", || {
         (!running(&["sleep", "271"]) && !running(&["sleep", "272"])).then_some(())
     });
