@@ -26,8 +26,8 @@ pub const DEFAULT_OUTPUT_KIB: u64 = 1024;
 pub struct CommandRequest {
     /// `all`, `tag:KEY=VALUE`, or comma-separated agent ids.
     pub targets: String,
-    /// The program and its arguments, looked up in `PATH` by the shell. Either this or
-    /// `script`.
+    /// The program and its arguments: run directly when the program is a clean absolute
+    /// path, else looked up in `PATH` by the shell. Either this or `script`.
     #[serde(default)]
     pub argv: Vec<String>,
     /// A shell script. Either this or `argv`.
@@ -54,15 +54,9 @@ pub struct CommandRequest {
     /// The cap on each output stream, KiB (default 1024).
     #[serde(default)]
     pub output_kib: Option<u64>,
-    /// `N` or `N%` of the targets in flight at once.
-    #[serde(default)]
-    pub max_concurrency: Option<String>,
-    /// `N` or `N%` errors before the command stops spreading.
-    #[serde(default)]
-    pub max_errors: Option<String>,
-    /// `none` or `exponential`.
-    #[serde(default)]
-    pub ramp: Option<String>,
+    /// Rate control: `max_concurrency`, `max_errors` and `ramp`, beside the other fields.
+    #[serde(flatten)]
+    pub rate: RateRequest,
     /// The plugin that runs it (default [`COMMAND_PLUGIN`]).
     #[serde(default)]
     pub plugin: Option<String>,
@@ -109,11 +103,7 @@ impl CommandRequest {
             delivery_secs: self.delivery_secs,
             parameters: BTreeMap::new(),
             secrets: BTreeMap::new(),
-            rate: Some(RateRequest {
-                max_concurrency: self.max_concurrency,
-                max_errors: self.max_errors,
-                ramp: self.ramp,
-            }),
+            rate: Some(self.rate),
         })
     }
 }
@@ -221,7 +211,10 @@ mod tests {
         let job = CommandRequest {
             targets: "all".into(),
             argv: vec!["uname".into(), "-a".into()],
-            max_concurrency: Some("10%".into()),
+            rate: RateRequest {
+                max_concurrency: Some("10%".into()),
+                ..Default::default()
+            },
             env: [("A".to_string(), "1".to_string())].into(),
             ..Default::default()
         }

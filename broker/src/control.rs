@@ -524,32 +524,30 @@ impl ControlPlane {
 
     /// One target's envelope of a rate-controlled job.
     fn envelope(&self, job: &str, agent: &str) -> anyhow::Result<JobEnvelope> {
-        Ok({
-            let r = self.rollouts();
-            let a = r
-                .get(job)
-                .ok_or_else(|| anyhow::anyhow!("job {job} is no longer active"))?;
-            let mut parameters: BTreeMap<String, Parameter> = a
-                .plain
-                .iter()
-                .map(|(k, v)| (k.clone(), Parameter::Plain { value: v.clone() }))
-                .collect();
-            if let Some(sealed) = a.sealed.get(agent) {
-                for (k, v) in sealed {
-                    parameters.insert(k.clone(), Parameter::Secret { sealed: v.clone() });
-                }
+        let r = self.rollouts();
+        let a = r
+            .get(job)
+            .ok_or_else(|| anyhow::anyhow!("job {job} is no longer active"))?;
+        let mut parameters: BTreeMap<String, Parameter> = a
+            .plain
+            .iter()
+            .map(|(k, v)| (k.clone(), Parameter::Plain { value: v.clone() }))
+            .collect();
+        if let Some(sealed) = a.sealed.get(agent) {
+            for (k, v) in sealed {
+                parameters.insert(k.clone(), Parameter::Secret { sealed: v.clone() });
             }
-            JobEnvelope {
-                job_id: job.to_string(),
-                agent_id: agent.to_string(),
-                attempt: 1,
-                plugin: a.manifest.clone(),
-                input: a.input.clone(),
-                parameters,
-                limits: a.limits,
-                not_before_ms: now_ms(),
-                expires_at_ms: a.expires_ms,
-            }
+        }
+        Ok(JobEnvelope {
+            job_id: job.to_string(),
+            agent_id: agent.to_string(),
+            attempt: 1,
+            plugin: a.manifest.clone(),
+            input: a.input.clone(),
+            parameters,
+            limits: a.limits,
+            not_before_ms: now_ms(),
+            expires_at_ms: a.expires_ms,
         })
     }
 

@@ -356,6 +356,12 @@ pub enum Recorded {
 /// How many prepared statements a connection keeps.
 const STATEMENT_CACHE: usize = 64;
 
+/// Notes that agent ?1 was heard from at ?2.
+const TOUCH_AGENT: &str = "UPDATE agents SET last_seen_ms = ?2 WHERE id = ?1";
+
+/// Appends (at_ms, actor, action, target, outcome, detail) to the audit log.
+const INSERT_AUDIT: &str = "INSERT INTO audit (at_ms, actor, action, target, outcome, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
 /// The store handle; clones share one connection.
 #[derive(Clone)]
 pub struct Store {
@@ -490,10 +496,7 @@ impl Store {
 
     /// Notes that an agent was heard from.
     pub fn touch(&self, id: &str, now: u64) -> anyhow::Result<()> {
-        self.exec(
-            "UPDATE agents SET last_seen_ms = ?2 WHERE id = ?1",
-            params![id, to_i64(now)],
-        )?;
+        self.exec(TOUCH_AGENT, params![id, to_i64(now)])?;
         Ok(())
     }
 
@@ -1003,7 +1006,7 @@ impl Store {
     pub fn record_result(&self, r: &JobResult, now: u64, audit: &str) -> anyhow::Result<Recorded> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.prepare_cached("UPDATE agents SET last_seen_ms = ?2 WHERE id = ?1")?
+        tx.prepare_cached(TOUCH_AGENT)?
             .execute(params![r.agent_id, to_i64(now)])?;
         let current: Option<(u32, Option<String>)> = tx
             .prepare_cached(
@@ -1031,10 +1034,7 @@ impl Store {
                     state.as_str(),
                     detail
                 ])?;
-                tx.prepare_cached(
-                    "INSERT INTO audit (at_ms, actor, action, target, outcome, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?
-                .execute(params![
+                tx.prepare_cached(INSERT_AUDIT)?.execute(params![
                     to_i64(now),
                     format!("agent:{}", r.agent_id),
                     "job.execute",
@@ -1256,7 +1256,7 @@ impl Store {
         now: u64,
     ) -> anyhow::Result<()> {
         self.exec(
-            "INSERT INTO audit (at_ms, actor, action, target, outcome, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            INSERT_AUDIT,
             params![to_i64(now), actor, action, target, outcome, detail],
         )?;
         Ok(())

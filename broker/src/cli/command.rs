@@ -3,7 +3,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
-use super::run::{EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, RateArgs, wait_for_targets};
+use super::run::{EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, RateArgs, print_created, wait_for_targets};
 use super::{Ctx, Output, parse_duration, parse_tag, print_json};
 use crate::api::{JobSummary, JobView};
 use crate::command::{CommandOutput, CommandRequest, Stream};
@@ -129,9 +129,7 @@ pub fn run_command(ctx: &Ctx, a: RunCommandArgs) -> anyhow::Result<i32> {
         timeout_secs: Some(a.timeout.as_secs().max(1)),
         delivery_secs: Some(a.delivery_timeout.as_secs().max(1)),
         output_kib: Some(a.output_cap.div_ceil(1024)),
-        max_concurrency: a.rate.max_concurrency.clone(),
-        max_errors: a.rate.max_errors.clone(),
-        ramp: a.rate.ramp.clone(),
+        rate: a.rate.request(),
         plugin: Some(a.plugin.clone()),
         stream: Some(true),
     };
@@ -152,12 +150,7 @@ pub fn run_command(ctx: &Ctx, a: RunCommandArgs) -> anyhow::Result<i32> {
         );
     }
     if a.no_wait {
-        if ctx.output == Output::Json {
-            print_json(&created)?;
-        } else {
-            println!("{}", created.job_id);
-        }
-        return Ok(EXIT_OK);
+        return print_created(ctx.output, &created);
     }
     let deadline = started
         + a.wait

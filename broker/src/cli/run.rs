@@ -157,12 +157,7 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> anyhow::Result<i32> {
         );
     }
     if a.no_wait {
-        if ctx.output == Output::Json {
-            print_json(&created)?;
-        } else {
-            println!("{}", created.job_id);
-        }
-        return Ok(EXIT_OK);
+        return print_created(ctx.output, &created);
     }
     // A rate-controlled job may spend its whole delivery timeout waiting for slots.
     let wait = a.wait.unwrap_or(if a.rate.given() {
@@ -210,6 +205,16 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> anyhow::Result<i32> {
         );
     }
     Ok(summary.exit_code())
+}
+
+/// For `--no-wait`: the new job, as JSON or as its id alone.
+pub fn print_created(output: Output, created: &JobCreated) -> anyhow::Result<i32> {
+    if output == Output::Json {
+        print_json(created)?;
+    } else {
+        println!("{}", created.job_id);
+    }
+    Ok(EXIT_OK)
 }
 
 /// How often, at most, a waiting CLI asks for a job's progress: results that arrive
