@@ -4,7 +4,6 @@
 //! salted SHA-256 is enough to keep the database from holding usable secrets; a slow
 //! password hash would only slow down 10,000 agents reconnecting at once.
 
-use base64::Engine as _;
 use ring::digest::{SHA256, digest};
 use ring::rand::{SecureRandom as _, SystemRandom};
 
@@ -28,11 +27,18 @@ impl std::fmt::Debug for BrokerAuth {
 
 /// A new random password.
 pub fn new_password() -> String {
-    let mut b = [0u8; 32];
+    random_token(32)
+}
+
+/// `bytes` random bytes as lowercase hex: safe in URLs, files and shells, and never
+/// starting with `-`, so it can follow a flag on a command line (`--code TOKEN`) without
+/// being taken for another flag, as base64url can be one time in 64.
+pub fn random_token(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
     SystemRandom::new()
         .fill(&mut b)
         .expect("system random source failed");
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    hex::encode(b)
 }
 
 fn hash(salt: &[u8], password: &[u8]) -> Vec<u8> {
@@ -99,6 +105,20 @@ impl Authenticator for BrokerAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_are_hex_and_can_follow_a_flag() {
+        for _ in 0..1000 {
+            let t = random_token(24);
+            assert_eq!(t.len(), 48);
+            assert!(
+                t.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+                "{t}"
+            );
+        }
+        assert_ne!(random_token(24), random_token(24));
+    }
 
     #[test]
     fn deregistration_kills_the_credential_and_a_new_one_registers_again() {

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 
-use base64::Engine as _;
 use drover_protocol::enroll::{EnrollRequest, EnrollResponse};
 use drover_protocol::keyset::KeySet;
 use drover_protocol::signed::Signed;
@@ -85,7 +84,7 @@ pub fn create_activation(
         expires_ms,
         revoked_ms: None,
     };
-    let code = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random(24));
+    let code = crate::credentials::random_token(24);
     let salt = random(16);
     store.create_activation(&activation, &salt, &code_hash(&salt, &code))?;
     Ok(ActivationCreated { activation, code })
