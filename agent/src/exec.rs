@@ -434,6 +434,9 @@ pub async fn run(
     })
 }
 
+/// The largest read buffer for a program's output stream.
+const READ_BUF_MAX: usize = 64 << 10;
+
 /// Reads `r` to its end, keeping the first `cap` bytes and offering every piece to
 /// `live`; returns what it kept and how many bytes it read in all. Reading on past the
 /// cap keeps a chatty program from blocking on a full pipe.
@@ -447,11 +450,16 @@ async fn read_capped(
     let Some(mut r) = r else {
         return (kept, total);
     };
-    let mut buf = vec![0u8; 64 * 1024];
+    // Small at first (most programs write little, and a fleet-wide command runs
+    // thousands of them), larger for a program that fills it.
+    let mut buf = vec![0u8; 4 << 10];
     loop {
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                if n == buf.len() && buf.len() < READ_BUF_MAX {
+                    buf.resize(buf.len() * 2, 0);
+                }
                 let room = cap.saturating_sub(kept.len());
                 kept.extend_from_slice(&buf[..n.min(room)]);
                 total = total.saturating_add(n as u64);

@@ -591,7 +591,11 @@ impl Executor {
         let keyset = self.state.keyset();
         let manifest: Manifest = env
             .plugin
-            .verify_threshold(&keyset.publishers, keyset.publisher_threshold as usize)
+            .verify_threshold_memo(
+                &keyset.publishers,
+                keyset.publisher_threshold as usize,
+                self.runtime.manifest_signatures(),
+            )
             .map_err(|e| {
                 refuse(
                     FailureKind::UntrustedPlugin,

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use drover_protocol::job::{Captured, Failure, FailureKind, Limits};
 use drover_protocol::manifest::{Capabilities, World};
+use drover_protocol::signed::SignatureMemo;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, Store};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -341,6 +342,9 @@ pub struct Grant {
     pub run_as: Vec<String>,
 }
 
+/// Manifest signatures remembered as checked (a few per plugin version).
+const MANIFEST_MEMO: usize = 256;
+
 /// The sandbox runtime: one engine, shared by all runs.
 pub struct Runtime {
     engine: Engine,
@@ -349,6 +353,7 @@ pub struct Runtime {
     compat: String,
     loaded: Mutex<HashMap<String, LoadedPlugin>>,
     ticker: Arc<Ticker>,
+    manifests: SignatureMemo,
 }
 
 impl Drop for Runtime {
@@ -464,7 +469,14 @@ impl Runtime {
             compat,
             loaded: Mutex::default(),
             ticker,
+            manifests: SignatureMemo::new(MANIFEST_MEMO),
         })
+    }
+
+    /// Manifest signatures already checked, shared by every agent on this runtime: a
+    /// plugin's manifest comes with every job that runs it, and is checked once.
+    pub fn manifest_signatures(&self) -> &SignatureMemo {
+        &self.manifests
     }
 
     fn compiled_path(&self, sha256: &str) -> PathBuf {

@@ -4,7 +4,11 @@
 //!
 //! Everything lives in the agent's data directory, written before it is relied on:
 //! accepted envelopes are appended and fsync'd before the job runs; key sets and
-//! high-water marks are replaced atomically.
+//! high-water marks are replaced atomically. The envelope log is opened for each append
+//! rather than held open (a simulated fleet of thousands of agents in one process would
+//! otherwise hold one descriptor per agent, and every program it starts copies the
+//! descriptor table), and is rewritten with only the unexpired entries once expired
+//! ones make up most of it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -20,6 +24,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::runtime::write_atomic;
 
+/// Lines of expired entries the accepted-envelope log may carry beyond twice the live
+/// ones before it is rewritten.
+const SEEN_LOG_SLACK: usize = 1024;
+
 /// The highest version of a plugin this agent has installed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HighWater {
@@ -32,7 +40,9 @@ pub struct HighWater {
 struct Inner {
     keyset: KeySet,
     seen: HashMap<(String, u32), u64>,
-    seen_log: File,
+    /// The accepted-envelope log, and how many lines it holds.
+    seen_log: PathBuf,
+    seen_log_lines: usize,
     high_water: BTreeMap<String, HighWater>,
 }
 
@@ -107,7 +117,7 @@ impl State {
             .map(|((id, a), e)| format!("{id} {a} {e}\n"))
             .collect();
         write_atomic(&log_path, compact.as_bytes())?;
-        let seen_log = OpenOptions::new().append(true).open(&log_path)?;
+        let seen_log_lines = seen.len();
 
         let hw_path = dir.join("plugin-versions.json");
         let high_water = match std::fs::read(&hw_path) {
@@ -120,7 +130,8 @@ impl State {
             inner: Mutex::new(Inner {
                 keyset,
                 seen,
-                seen_log,
+                seen_log: log_path,
+                seen_log_lines,
                 high_water,
             }),
         })
@@ -173,13 +184,34 @@ impl State {
                 "job id is empty or has spaces".into(),
             ));
         }
-        let line = format!("{job_id} {attempt} {}\n", expires_ms + grace_ms);
-        inner
-            .seen_log
-            .write_all(line.as_bytes())
-            .and_then(|_| inner.seen_log.sync_data())
-            .map_err(|e| EnvelopeRefusal::Unrecordable(e.to_string()))?;
-        inner.seen.insert(key, expires_ms + grace_ms);
+        let expiry = expires_ms + grace_ms;
+        let line = format!("{job_id} {attempt} {expiry}\n");
+        let inner = &mut *inner;
+        if inner.seen_log_lines >= 2 * inner.seen.len() + SEEN_LOG_SLACK {
+            // Mostly expired entries: rewrite it with the live ones and this one.
+            let mut all: String = inner
+                .seen
+                .iter()
+                .map(|((id, a), e)| format!("{id} {a} {e}\n"))
+                .collect();
+            all.push_str(&line);
+            // The directory is synced too: the new line must not vanish with the rename.
+            write_atomic(&inner.seen_log, all.as_bytes())
+                .and_then(|()| File::open(&self.dir)?.sync_all())
+                .map_err(|e| EnvelopeRefusal::Unrecordable(e.to_string()))?;
+            inner.seen_log_lines = inner.seen.len() + 1;
+        } else {
+            OpenOptions::new()
+                .append(true)
+                .open(&inner.seen_log)
+                .and_then(|mut f| {
+                    f.write_all(line.as_bytes())?;
+                    f.sync_data()
+                })
+                .map_err(|e| EnvelopeRefusal::Unrecordable(e.to_string()))?;
+            inner.seen_log_lines += 1;
+        }
+        inner.seen.insert(key, expiry);
         Ok(())
     }
 
@@ -315,6 +347,41 @@ mod tests {
         // Expired entries are forgotten.
         let s = State::open(&state_dir, &[], 1, None, 20_000).unwrap();
         s.accept_envelope("job-1", 1, 30_000, 20_000, 0).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_envelope_log_is_compacted_while_running_and_keeps_the_live_entries() {
+        let dir = std::env::temp_dir().join(format!("drover-state-log-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let root = SigningKey::generate();
+        let init = keyset_file(&dir, &root);
+        let state_dir = dir.join("state");
+        let log = state_dir.join("seen-envelopes.log");
+        let lines = || std::fs::read_to_string(&log).unwrap().lines().count();
+        let s = State::open(&state_dir, &[root.public()], 1, Some(&init), 0).unwrap();
+        // Each envelope expires before the next arrives, except the last few.
+        let n = 3 * SEEN_LOG_SLACK;
+        for i in 0..n {
+            let now = i as u64 * 10;
+            let expires = if i + 5 >= n { u64::MAX / 2 } else { now + 5 };
+            s.accept_envelope(&format!("job-{i}"), 1, expires, now, 0)
+                .unwrap();
+        }
+        // Rewritten at least once along the way: far fewer lines than envelopes.
+        assert!(lines() <= SEEN_LOG_SLACK + 5, "{} lines", lines());
+        drop(s);
+        // The live ones are still refused after a restart; the log stays small.
+        let now = n as u64 * 10;
+        let s = State::open(&state_dir, &[], 1, None, now).unwrap();
+        for i in n - 5..n {
+            assert_eq!(
+                s.accept_envelope(&format!("job-{i}"), 1, u64::MAX / 2, now, 0),
+                Err(EnvelopeRefusal::Replayed)
+            );
+        }
+        assert_eq!(lines(), 5);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

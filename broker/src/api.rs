@@ -517,8 +517,14 @@ async fn get_job(
         {
             continue;
         }
+        // Results come in bursts: one count for each burst, not one for each result
+        // (a count reads every target of the job).
+        tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + WAIT_COALESCE)).await;
     }
 }
+
+/// How long a waiting job view lets results gather before counting again.
+const WAIT_COALESCE: Duration = Duration::from_millis(20);
 
 /// Event filters.
 #[derive(Debug, Deserialize)]

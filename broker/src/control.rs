@@ -206,6 +206,14 @@ struct Shared {
 
 /// How often deadlines of rate-controlled jobs are checked.
 const TICK: Duration = Duration::from_millis(250);
+/// Most incoming messages taken at once; the results among them are stored together.
+const INCOMING_BATCH: usize = 256;
+
+/// A result whose signature and sender checked out, with its audit text.
+struct CheckedResult {
+    result: JobResult,
+    audit: String,
+}
 
 /// Live events kept for slow followers before they skip ahead.
 const LIVE_BACKLOG: usize = 4096;
@@ -956,22 +964,161 @@ impl ControlPlane {
     }
 
     async fn handle_incoming(self, mut incoming: mpsc::Receiver<Incoming>) {
-        while let Some(msg) = incoming.recv().await {
-            let Some((agent, kind)) = topics::parse_up(&msg.topic) else {
-                tracing::warn!(topic = %msg.topic, "ignoring message on unexpected topic");
-                continue;
-            };
-            let agent = agent.to_string();
-            if let Err(e) = self.handle(&agent, kind, &msg.payload).await {
-                let event = e.downcast_ref::<Refusal>().map_or("bad-message", |r| r.0);
-                tracing::warn!(agent.id = %agent, kind = kind.as_str(), event, error = %format!("{e:#}"), "agent message refused");
-                let _ = self.shared.store.add_event(
-                    &agent,
-                    event,
-                    &format!("{} message refused: {e:#}", kind.as_str()),
-                    now_ms(),
-                );
+        let mut batch = Vec::with_capacity(INCOMING_BATCH);
+        let mut results = Vec::new();
+        while incoming.recv_many(&mut batch, INCOMING_BATCH).await > 0 {
+            for msg in batch.drain(..) {
+                let Some((agent, kind)) = topics::parse_up(&msg.topic) else {
+                    tracing::warn!(topic = %msg.topic, "ignoring message on unexpected topic");
+                    continue;
+                };
+                let agent = agent.to_string();
+                // Results are checked one by one and stored together; anything else
+                // waits for the results before it, so each agent's messages keep their order.
+                let outcome = if kind == Up::Result {
+                    self.check_result(&agent, &msg.payload)
+                        .map(|r| results.extend(r))
+                } else {
+                    self.store_results(std::mem::take(&mut results));
+                    self.handle(&agent, kind, &msg.payload).await
+                };
+                if let Err(e) = outcome {
+                    self.refused(&agent, kind, &e);
+                }
             }
+            self.store_results(std::mem::take(&mut results));
+        }
+    }
+
+    /// Logs and records a message from `agent` that was not taken.
+    fn refused(&self, agent: &str, kind: Up, e: &anyhow::Error) {
+        let event = e.downcast_ref::<Refusal>().map_or("bad-message", |r| r.0);
+        tracing::warn!(agent.id = %agent, kind = kind.as_str(), event, error = %format!("{e:#}"), "agent message refused");
+        let _ = self.shared.store.add_event(
+            agent,
+            event,
+            &format!("{} message refused: {e:#}", kind.as_str()),
+            now_ms(),
+        );
+    }
+
+    /// Checks a result's signature and sender. `None`: it was an agent's refusal of an
+    /// envelope it could not authenticate, recorded as an event, never as a result.
+    fn check_result(&self, agent: &str, payload: &[u8]) -> anyhow::Result<Option<CheckedResult>> {
+        let result: JobResult = self.verify_from(agent, payload)?;
+        anyhow::ensure!(
+            result.agent_id == agent,
+            "result on agent {agent}'s topic claims to be from {:?}",
+            result.agent_id
+        );
+        // An agent's refusal of an envelope it could not authenticate (or had seen
+        // before) speaks for no job it took on: whoever sent that envelope chose
+        // the job id. It is recorded as an event, never as a target's result.
+        if let Some(f) = result.failure.as_ref().filter(|f| {
+            result.status == drover_protocol::job::ResultStatus::Rejected
+                && matches!(
+                    f.kind,
+                    FailureKind::BadEnvelope | FailureKind::Misaddressed | FailureKind::Replayed
+                )
+        }) {
+            let msg = format!(
+                "refused an envelope claiming job {:?} attempt {}: {}",
+                result.job_id, result.attempt, f.message
+            );
+            tracing::warn!(agent.id = %agent, "{msg}");
+            let now = now_ms();
+            self.shared.store.touch(agent, now)?;
+            self.shared
+                .store
+                .add_event(agent, "refused-envelope", &msg, now)?;
+            return Ok(None);
+        }
+        let audit = match &result.failure {
+            Some(f) => format!(
+                "{} v{}: {:?}: {}",
+                result.plugin, result.plugin_version, f.kind, f.message
+            ),
+            None => format!("{} v{}", result.plugin, result.plugin_version),
+        };
+        Ok(Some(CheckedResult { result, audit }))
+    }
+
+    /// Stores checked results in one transaction, then acts on each: rollouts, live
+    /// events, acks. Results that could not be stored are not acked, so their agents
+    /// send them again.
+    fn store_results(&self, results: Vec<CheckedResult>) {
+        if results.is_empty() {
+            return;
+        }
+        let store = &self.shared.store;
+        let now = now_ms();
+        let items: Vec<(&JobResult, &str)> = results
+            .iter()
+            .map(|c| (&c.result, c.audit.as_str()))
+            .collect();
+        let outcomes = match store.record_results(&items, now) {
+            Ok(o) => o,
+            Err(e) => {
+                let e = e.context(format!("storing {} result(s)", results.len()));
+                for c in &results {
+                    self.refused(&c.result.agent_id, Up::Result, &e);
+                }
+                return;
+            }
+        };
+        let mut stored = false;
+        for (CheckedResult { result, .. }, recorded) in results.into_iter().zip(outcomes) {
+            let agent = result.agent_id.clone();
+            let ack_key = (agent.clone(), result.job_id.clone(), result.attempt);
+            match recorded {
+                Recorded::Stored => {
+                    stored = true;
+                    tracing::info!(agent.id = %agent, job.id = %result.job_id, status = result.status.as_str(), "result stored");
+                    let (state, detail) = crate::rollout::state_of(&result);
+                    let actions = self
+                        .rollouts()
+                        .get_mut(&result.job_id)
+                        .map(|a| a.rollout.finished(&agent, state, now));
+                    self.emit(&result.job_id, &agent, LiveWhat::State { state, detail });
+                    // Publishing happens off this loop: waiting here on a full
+                    // outgoing queue while the link waits on this loop would stall both.
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let (agent, job, attempt) = ack_key;
+                        me.ack(&agent, &job, attempt).await;
+                        if let Some(actions) = actions {
+                            me.apply(&job, actions).await;
+                            let done = me.rollouts().get(&job).is_some_and(|a| a.rollout.is_done());
+                            if done {
+                                me.finish_rollout(&job);
+                            }
+                        }
+                    });
+                }
+                Recorded::Duplicate => {
+                    tracing::debug!(agent.id = %agent, job.id = %result.job_id, "duplicate result ignored");
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let (agent, job, attempt) = ack_key;
+                        me.ack(&agent, &job, attempt).await
+                    });
+                }
+                Recorded::NoTarget => {
+                    let what = match &result.failure {
+                        Some(f) => format!("{}: {}", result.status.as_str(), f.message),
+                        None => result.status.as_str().to_string(),
+                    };
+                    let msg = format!(
+                        "report for job {:?} attempt {} that is not awaiting this agent: {what}",
+                        result.job_id, result.attempt
+                    );
+                    tracing::warn!(agent.id = %agent, "{msg}");
+                    let _ = store.add_event(&agent, "unmatched-result", &msg, now);
+                }
+            }
+        }
+        if stored {
+            self.shared.results.send_modify(|n| *n += 1);
         }
     }
 
@@ -1019,86 +1166,8 @@ impl ControlPlane {
                 store.touch(agent, now)?;
             }
             Up::Result => {
-                let result: JobResult = self.verify_from(agent, payload)?;
-                anyhow::ensure!(
-                    result.agent_id == agent,
-                    "result on agent {agent}'s topic claims to be from {:?}",
-                    result.agent_id
-                );
-                // An agent's refusal of an envelope it could not authenticate (or had seen
-                // before) speaks for no job it took on: whoever sent that envelope chose
-                // the job id. It is recorded as an event, never as a target's result.
-                if let Some(f) = result.failure.as_ref().filter(|f| {
-                    result.status == drover_protocol::job::ResultStatus::Rejected
-                        && matches!(
-                            f.kind,
-                            FailureKind::BadEnvelope
-                                | FailureKind::Misaddressed
-                                | FailureKind::Replayed
-                        )
-                }) {
-                    let msg = format!(
-                        "refused an envelope claiming job {:?} attempt {}: {}",
-                        result.job_id, result.attempt, f.message
-                    );
-                    tracing::warn!(agent.id = %agent, "{msg}");
-                    store.touch(agent, now)?;
-                    store.add_event(agent, "refused-envelope", &msg, now)?;
-                    return Ok(());
-                }
-                let audit = match &result.failure {
-                    Some(f) => format!(
-                        "{} v{}: {:?}: {}",
-                        result.plugin, result.plugin_version, f.kind, f.message
-                    ),
-                    None => format!("{} v{}", result.plugin, result.plugin_version),
-                };
-                match store.record_result(&result, now, &audit)? {
-                    Recorded::Stored => {
-                        tracing::info!(agent.id = %agent, job.id = %result.job_id, status = result.status.as_str(), "result stored");
-                        let (state, detail) = crate::rollout::state_of(&result);
-                        let actions = self
-                            .rollouts()
-                            .get_mut(&result.job_id)
-                            .map(|a| a.rollout.finished(agent, state, now));
-                        self.emit(&result.job_id, agent, LiveWhat::State { state, detail });
-                        self.shared.results.send_modify(|n| *n += 1);
-                        // Publishing happens off this loop: waiting here on a full
-                        // outgoing queue while the link waits on this loop would stall both.
-                        let (me, agent, job) =
-                            (self.clone(), agent.to_string(), result.job_id.clone());
-                        let key = (result.job_id.clone(), result.attempt);
-                        tokio::spawn(async move {
-                            me.ack(&agent, &key.0, key.1).await;
-                            if let Some(actions) = actions {
-                                me.apply(&job, actions).await;
-                                let done =
-                                    me.rollouts().get(&job).is_some_and(|a| a.rollout.is_done());
-                                if done {
-                                    me.finish_rollout(&job);
-                                }
-                            }
-                        });
-                    }
-                    Recorded::Duplicate => {
-                        tracing::debug!(agent.id = %agent, job.id = %result.job_id, "duplicate result ignored");
-                        let (me, agent) = (self.clone(), agent.to_string());
-                        let key = (result.job_id.clone(), result.attempt);
-                        tokio::spawn(async move { me.ack(&agent, &key.0, key.1).await });
-                    }
-                    Recorded::NoTarget => {
-                        let what = match &result.failure {
-                            Some(f) => format!("{}: {}", result.status.as_str(), f.message),
-                            None => result.status.as_str().to_string(),
-                        };
-                        let msg = format!(
-                            "report for job {:?} attempt {} that is not awaiting this agent: {what}",
-                            result.job_id, result.attempt
-                        );
-                        tracing::warn!(agent.id = %agent, "{msg}");
-                        store.add_event(agent, "unmatched-result", &msg, now)?;
-                    }
-                }
+                let checked = self.check_result(agent, payload)?;
+                self.store_results(checked.into_iter().collect());
             }
             Up::Progress => {
                 // Live output with nobody following costs nothing: not even a signature
@@ -1192,10 +1261,11 @@ impl ControlPlane {
             attempt,
         };
         let body = serde_json::to_vec(&ack).expect("acks serialise");
+        // At most once: a lost ack costs only a resent result, acknowledged again.
         if let Err(e) = self
             .shared
             .link
-            .publish(topics::down(agent, Down::Ack), body, false)
+            .publish_at_most_once(topics::down(agent, Down::Ack), body)
             .await
         {
             tracing::warn!(agent.id = %agent, error = %e, "could not send result ack");

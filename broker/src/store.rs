@@ -1004,49 +1004,65 @@ impl Store {
     /// it is stored, appends `audit` (its actor, action, target and outcome come from the
     /// result) to the audit log.
     pub fn record_result(&self, r: &JobResult, now: u64, audit: &str) -> anyhow::Result<Recorded> {
+        let mut one = self.record_results(&[(r, audit)], now)?;
+        Ok(one.pop().expect("one outcome for one result"))
+    }
+
+    /// [`record_result`](Self::record_result) for several results, in one transaction:
+    /// what a burst of results costs the database is one commit. The outcomes are in
+    /// the order of `results`.
+    pub fn record_results(
+        &self,
+        results: &[(&JobResult, &str)],
+        now: u64,
+    ) -> anyhow::Result<Vec<Recorded>> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.prepare_cached(TOUCH_AGENT)?
-            .execute(params![r.agent_id, to_i64(now)])?;
-        let current: Option<(u32, Option<String>)> = tx
-            .prepare_cached(
-                "SELECT attempt, result IS NOT NULL FROM job_targets WHERE job_id = ?1 AND agent_id = ?2",
-            )?
-            .query_row(params![r.job_id, r.agent_id], |row| {
-                Ok((row.get(0)?, row.get::<_, bool>(1)?.then(String::new)))
-            })
-            .optional()?;
-        let recorded = match current {
-            None => Recorded::NoTarget,
-            Some((attempt, _)) if attempt != r.attempt => Recorded::NoTarget,
-            Some((_, Some(_))) => Recorded::Duplicate,
-            Some((_, None)) => {
-                let (state, detail) = crate::rollout::state_of(r);
-                tx.prepare_cached(
-                    "UPDATE job_targets SET status = ?3, result = ?4, updated_ms = ?5, state = ?6, detail = ?7, finished_ms = ?5 WHERE job_id = ?1 AND agent_id = ?2 AND result IS NULL",
+        let mut outcomes = Vec::with_capacity(results.len());
+        for &(r, audit) in results {
+            tx.prepare_cached(TOUCH_AGENT)?
+                .execute(params![r.agent_id, to_i64(now)])?;
+            let current: Option<(u32, bool)> = tx
+                .prepare_cached(
+                    "SELECT attempt, result IS NOT NULL FROM job_targets WHERE job_id = ?1 AND agent_id = ?2",
                 )?
-                .execute(params![
-                    r.job_id,
-                    r.agent_id,
-                    r.status.as_str(),
-                    serde_json::to_string(r)?,
-                    to_i64(now),
-                    state.as_str(),
-                    detail
-                ])?;
-                tx.prepare_cached(INSERT_AUDIT)?.execute(params![
-                    to_i64(now),
-                    format!("agent:{}", r.agent_id),
-                    "job.execute",
-                    r.job_id,
-                    r.status.as_str(),
-                    audit
-                ])?;
-                Recorded::Stored
-            }
-        };
+                .query_row(params![r.job_id, r.agent_id], |row| {
+                    Ok((row.get(0)?, row.get::<_, bool>(1)?))
+                })
+                .optional()?;
+            let recorded = match current {
+                None => Recorded::NoTarget,
+                Some((attempt, _)) if attempt != r.attempt => Recorded::NoTarget,
+                Some((_, true)) => Recorded::Duplicate,
+                Some((_, false)) => {
+                    let (state, detail) = crate::rollout::state_of(r);
+                    tx.prepare_cached(
+                        "UPDATE job_targets SET status = ?3, result = ?4, updated_ms = ?5, state = ?6, detail = ?7, finished_ms = ?5 WHERE job_id = ?1 AND agent_id = ?2 AND result IS NULL",
+                    )?
+                    .execute(params![
+                        r.job_id,
+                        r.agent_id,
+                        r.status.as_str(),
+                        serde_json::to_string(r)?,
+                        to_i64(now),
+                        state.as_str(),
+                        detail
+                    ])?;
+                    tx.prepare_cached(INSERT_AUDIT)?.execute(params![
+                        to_i64(now),
+                        format!("agent:{}", r.agent_id),
+                        "job.execute",
+                        r.job_id,
+                        r.status.as_str(),
+                        audit
+                    ])?;
+                    Recorded::Stored
+                }
+            };
+            outcomes.push(recorded);
+        }
         tx.commit()?;
-        Ok(recorded)
+        Ok(outcomes)
     }
 
     /// A job.

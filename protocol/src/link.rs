@@ -153,6 +153,21 @@ impl LinkHandle {
             .map_err(|e| PublishError(e.to_string()))
     }
 
+    /// Queues a QoS 0 publish: at most once, with no broker state and no PUBACK. Only for
+    /// messages whose loss the other side repairs by asking again (a result's ack: an
+    /// unacknowledged result is sent again, and acknowledged again).
+    pub async fn publish_at_most_once(
+        &self,
+        topic: impl Into<String>,
+        payload: impl Into<Vec<u8>>,
+    ) -> Result<(), PublishError> {
+        let payload: Vec<u8> = payload.into();
+        self.client
+            .publish(topic.into(), QoS::AtMostOnce, false, payload)
+            .await
+            .map_err(|e| PublishError(e.to_string()))
+    }
+
     /// Queues a QoS 1 publish without waiting: fails at once when the client's queue is
     /// full. For what may be dropped (progress, live output), never for results.
     pub fn try_publish(

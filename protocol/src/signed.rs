@@ -7,7 +7,10 @@
 //! `"drover:" + Kind::CONTEXT + "\0" + payload`, so a signature made for one kind of
 //! document (a manifest) can never be passed off as another (a job envelope).
 
+use std::collections::{HashSet, VecDeque};
 use std::marker::PhantomData;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use base64::Engine as _;
 use serde::de::DeserializeOwned;
@@ -136,6 +139,27 @@ impl<T: Signable> Signed<T> {
         trusted: &[PublicKey],
         threshold: usize,
     ) -> Result<T, SignatureError> {
+        self.verify_threshold_with(trusted, threshold, None)
+    }
+
+    /// As [`verify_threshold`](Self::verify_threshold), remembering in `memo` the
+    /// signatures that checked out, so the same signed document is checked once: for
+    /// documents that come again and again, such as a plugin's manifest in every job.
+    pub fn verify_threshold_memo(
+        &self,
+        trusted: &[PublicKey],
+        threshold: usize,
+        memo: &SignatureMemo,
+    ) -> Result<T, SignatureError> {
+        self.verify_threshold_with(trusted, threshold, Some(memo))
+    }
+
+    fn verify_threshold_with(
+        &self,
+        trusted: &[PublicKey],
+        threshold: usize,
+        memo: Option<&SignatureMemo>,
+    ) -> Result<T, SignatureError> {
         if self.signatures.is_empty() {
             return Err(SignatureError::Unsigned);
         }
@@ -148,7 +172,13 @@ impl<T: Signable> Signed<T> {
                 continue;
             }
             match base64::engine::general_purpose::STANDARD.decode(&s.signature) {
-                Ok(sig) if s.key.verify(&msg, &sig) => good.push(s.key),
+                Ok(sig) if memo.is_some_and(|m| m.holds(&s.key, &msg, &sig)) => good.push(s.key),
+                Ok(sig) if s.key.verify(&msg, &sig) => {
+                    if let Some(m) = memo {
+                        m.remember(&s.key, &msg, &sig);
+                    }
+                    good.push(s.key)
+                }
                 Ok(_) => bad = bad.or(Some(s.key)),
                 Err(_) => malformed = true,
             }
@@ -180,6 +210,81 @@ impl<T: Signable> Signed<T> {
     }
 }
 
+/// Signatures that were checked and found valid, by the digest of key, signed message
+/// and signature together: a valid signature stays valid, so checking it again can be
+/// skipped. Bounded; the oldest are forgotten first, and counted.
+#[derive(Debug)]
+pub struct SignatureMemo {
+    inner: Mutex<MemoInner>,
+    capacity: usize,
+    /// Entries forgotten to stay within the bound.
+    pub forgotten: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct MemoInner {
+    known: HashSet<[u8; 32]>,
+    order: VecDeque<[u8; 32]>,
+}
+
+impl SignatureMemo {
+    /// A memo of at most `capacity` signatures.
+    pub fn new(capacity: usize) -> SignatureMemo {
+        SignatureMemo {
+            inner: Mutex::default(),
+            capacity: capacity.max(1),
+            forgotten: AtomicU64::new(0),
+        }
+    }
+
+    fn digest(key: &PublicKey, msg: &[u8], sig: &[u8]) -> [u8; 32] {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        // Lengths first, so that no two different triples hash the same bytes.
+        ctx.update(&(msg.len() as u64).to_le_bytes());
+        ctx.update(&(sig.len() as u64).to_le_bytes());
+        ctx.update(&key.0);
+        ctx.update(msg);
+        ctx.update(sig);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        out
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn holds(&self, key: &PublicKey, msg: &[u8], sig: &[u8]) -> bool {
+        let d = Self::digest(key, msg, sig);
+        self.lock().known.contains(&d)
+    }
+
+    fn remember(&self, key: &PublicKey, msg: &[u8], sig: &[u8]) {
+        let d = Self::digest(key, msg, sig);
+        let mut g = self.lock();
+        if !g.known.insert(d) {
+            return;
+        }
+        g.order.push_back(d);
+        while g.order.len() > self.capacity {
+            if let Some(old) = g.order.pop_front() {
+                g.known.remove(&old);
+                self.forgotten.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// How many signatures it holds.
+    pub fn len(&self) -> usize {
+        self.lock().order.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +302,45 @@ mod tests {
     }
     impl Signable for Other {
         const CONTEXT: &'static str = "test-other";
+    }
+
+    #[test]
+    fn the_memo_skips_only_signatures_it_saw_valid_and_stays_bounded() {
+        let memo = SignatureMemo::new(2);
+        let k = SigningKey::generate();
+        let s = Signed::sign(&Doc { n: 7 }, &k);
+        assert_eq!(
+            s.verify_threshold_memo(&[k.public()], 1, &memo).unwrap(),
+            Doc { n: 7 }
+        );
+        assert_eq!(memo.len(), 1);
+        // Seen before: still the same answer, nothing new remembered.
+        assert_eq!(
+            s.verify_threshold_memo(&[k.public()], 1, &memo).unwrap(),
+            Doc { n: 7 }
+        );
+        assert_eq!(memo.len(), 1);
+        // A changed payload under the remembered signature is still refused...
+        let mut t = s.clone();
+        t.payload = r#"{"n":8}"#.into();
+        assert!(matches!(
+            t.verify_threshold_memo(&[k.public()], 1, &memo),
+            Err(SignatureError::BadSignature(_))
+        ));
+        // ...as is the remembered signature when its key is no longer trusted.
+        assert!(matches!(
+            s.verify_threshold_memo(&[SigningKey::generate().public()], 1, &memo),
+            Err(SignatureError::UnknownKey(_))
+        ));
+        // Refusals are not remembered; the bound holds and what it forgot is counted.
+        assert_eq!(memo.len(), 1);
+        for n in 0..3 {
+            Signed::sign(&Doc { n }, &k)
+                .verify_threshold_memo(&[k.public()], 1, &memo)
+                .unwrap();
+        }
+        assert_eq!(memo.len(), 2);
+        assert_eq!(memo.forgotten.load(Ordering::Relaxed), 2);
     }
 
     #[test]

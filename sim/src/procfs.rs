@@ -19,6 +19,9 @@ pub struct Sample {
     pub file_bytes: u64,
     /// User plus system CPU time, seconds.
     pub cpu_secs: f64,
+    /// User plus system CPU time of its children that have ended and been waited
+    /// for, seconds.
+    pub children_cpu_secs: f64,
     /// When it was read.
     pub at: Instant,
 }
@@ -36,12 +39,16 @@ impl Sample {
             .with_context(|| format!("reading {dir}/stat"))?;
         let kib = |key| status_kib(&status, key).with_context(|| format!("no {key} in {dir}"));
         let ticks = stat_cpu_ticks(&stat).with_context(|| format!("unreadable {dir}/stat"))?;
+        let children =
+            stat_children_cpu_ticks(&stat).with_context(|| format!("unreadable {dir}/stat"))?;
+        let per_sec = rustix::param::clock_ticks_per_second() as f64;
         Ok(Sample {
             rss_bytes: kib("VmRSS")? * 1024,
             peak_rss_bytes: kib("VmHWM")? * 1024,
             anon_bytes: status_kib(&status, "RssAnon").unwrap_or(0) * 1024,
             file_bytes: status_kib(&status, "RssFile").unwrap_or(0) * 1024,
-            cpu_secs: ticks as f64 / rustix::param::clock_ticks_per_second() as f64,
+            cpu_secs: ticks as f64 / per_sec,
+            children_cpu_secs: children as f64 / per_sec,
             at: Instant::now(),
         })
     }
@@ -78,12 +85,20 @@ pub fn status_kib(status: &str, key: &str) -> Option<u64> {
 /// utime + stime, in clock ticks, from `/proc/PID/stat`. The command name (field 2)
 /// may hold spaces and parentheses, so fields are counted after its last `)`.
 pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    // utime is field 14, stime field 15.
+    Some(stat_field(stat, 14)? + stat_field(stat, 15)?)
+}
+
+/// cutime + cstime (the waited-for children's CPU), in clock ticks, from `/proc/PID/stat`.
+pub fn stat_children_cpu_ticks(stat: &str) -> Option<u64> {
+    Some(stat_field(stat, 16)? + stat_field(stat, 17)?)
+}
+
+/// Numeric field `n` (counted from 1, as in proc(5)) of a `/proc/PID/stat` line.
+fn stat_field(stat: &str, n: usize) -> Option<u64> {
     let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After the name: state is field 3, utime field 14, stime field 15.
-    let utime: u64 = fields.get(14 - 3)?.parse().ok()?;
-    let stime: u64 = fields.get(15 - 3)?.parse().ok()?;
-    Some(utime + stime)
+    // After the name, the first field is the state, field 3.
+    rest.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
 }
 
 /// Raises this process's `RLIMIT_NOFILE`: the soft limit to the hard one, and both to
@@ -133,8 +148,9 @@ mod tests {
         assert_eq!(status_kib(status, "VmHWM"), Some(9000));
         assert_eq!(status_kib(status, "VmSwap"), None);
         // A command name with a space and a parenthesis.
-        let stat = "42 (a) b) S 1 42 42 0 -1 4194560 100 0 0 0 7 3 0 0 20 0 3 0 100 0 0";
+        let stat = "42 (a) b) S 1 42 42 0 -1 4194560 100 0 0 0 7 3 5 6 20 0 3 0 100 0 0";
         assert_eq!(stat_cpu_ticks(stat), Some(10));
+        assert_eq!(stat_children_cpu_ticks(stat), Some(11));
         assert_eq!(stat_cpu_ticks("garbage"), None);
     }
 

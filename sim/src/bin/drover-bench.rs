@@ -748,7 +748,7 @@ impl Bench {
                 self.fanout(api, server.process.pid(), self.args.fanout)?;
             }
             match run_command {
-                Some(Ok(())) => self.run_command(api, self.args.fanout)?,
+                Some(Ok(())) => self.run_command(api, server.process.pid(), self.args.fanout)?,
                 Some(Err(why)) => self.report.missing(
                     "run_command_1k_s",
                     "Run Command /bin/true to 1,000",
@@ -884,7 +884,7 @@ impl Bench {
         Ok(())
     }
 
-    fn run_command(&mut self, api: &Api, n: usize) -> anyhow::Result<()> {
+    fn run_command(&mut self, api: &Api, server_pid: u32, n: usize) -> anyhow::Result<()> {
         let req = json!({
             "targets": "tag:bench=fleet", "argv": ["/bin/true"], "max_concurrency": "100%",
             "timeout_secs": 30, "delivery_secs": 120, "stream": false,
@@ -910,12 +910,21 @@ impl Bench {
         ensure_all_succeeded(&view, n)?;
         let mut runs = Vec::new();
         let mut view = view;
+        let (sim0, srv0) = (Sample::of(None)?, Sample::of(Some(server_pid))?);
         for _ in 0..self.args.fanout_runs.max(1) {
             let (took, v) = submit(api)?;
             ensure_all_succeeded(&v, n)?;
             runs.push(round(took.as_secs_f64(), 3));
             view = v;
         }
+        let (sim1, srv1) = (Sample::of(None)?, Sample::of(Some(server_pid))?);
+        let per_target_us = |secs: f64| secs * 1e6 / (n * runs.len()).max(1) as f64;
+        let cpu_note = format!(
+            "CPU per target: server {:.0} µs, simulator {:.0} µs, the commands it started {:.0} µs",
+            per_target_us(srv1.cpu_secs - srv0.cpu_secs),
+            per_target_us(sim1.cpu_secs - sim0.cpu_secs),
+            per_target_us(sim1.children_cpu_secs - sim0.children_cpu_secs),
+        );
         let mut sorted = runs.clone();
         sorted.sort_by(f64::total_cmp);
         let took = quantile(&sorted, 0.5).unwrap_or(0.0);
@@ -931,7 +940,7 @@ impl Bench {
             "s",
             (n == 1000).then_some(Target::AtMost(1.0)),
             format!(
-                "command plugin, --max-concurrency 100%, {n} agents, submit to every result stored; median of {runs:?} s; {exit0} exit 0 in the last; first run {:.2} s",
+                "command plugin, --max-concurrency 100%, {n} agents, submit to every result stored; median of {runs:?} s; {exit0} exit 0 in the last; first run {:.2} s; {cpu_note}",
                 first.as_secs_f64()
             ),
         );
