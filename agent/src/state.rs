@@ -58,6 +58,13 @@ impl std::fmt::Debug for State {
     }
 }
 
+/// The accepted-envelope log's text for `seen`: one `JOB ATTEMPT EXPIRY` line each.
+fn seen_log_text(seen: &HashMap<(String, u32), u64>) -> String {
+    seen.iter()
+        .map(|((id, a), e)| format!("{id} {a} {e}\n"))
+        .collect()
+}
+
 fn trust_path(dir: &Path) -> PathBuf {
     dir.join("keyset.json")
 }
@@ -112,11 +119,7 @@ impl State {
                 }
             }
         }
-        let compact: String = seen
-            .iter()
-            .map(|((id, a), e)| format!("{id} {a} {e}\n"))
-            .collect();
-        write_atomic(&log_path, compact.as_bytes())?;
+        write_atomic(&log_path, seen_log_text(&seen).as_bytes())?;
         let seen_log_lines = seen.len();
 
         let hw_path = dir.join("plugin-versions.json");
@@ -189,11 +192,7 @@ impl State {
         let inner = &mut *inner;
         if inner.seen_log_lines >= 2 * inner.seen.len() + SEEN_LOG_SLACK {
             // Mostly expired entries: rewrite it with the live ones and this one.
-            let mut all: String = inner
-                .seen
-                .iter()
-                .map(|((id, a), e)| format!("{id} {a} {e}\n"))
-                .collect();
+            let mut all = seen_log_text(&inner.seen);
             all.push_str(&line);
             // The directory is synced too: the new line must not vanish with the rename.
             write_atomic(&inner.seen_log, all.as_bytes())
@@ -298,13 +297,20 @@ mod tests {
         p
     }
 
-    #[test]
-    fn replays_and_downgrades_are_refused_across_restarts() {
-        let dir = std::env::temp_dir().join(format!("drover-state-{}", std::process::id()));
+    /// A fresh test directory named after `tag`, a root key, and an initial key set file
+    /// signed by it.
+    fn fresh(tag: &str) -> (PathBuf, SigningKey, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("drover-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let root = SigningKey::generate();
         let init = keyset_file(&dir, &root);
+        (dir, root, init)
+    }
+
+    #[test]
+    fn replays_and_downgrades_are_refused_across_restarts() {
+        let (dir, root, init) = fresh("state");
         let state_dir = dir.join("state");
         let s = State::open(&state_dir, &[root.public()], 1, Some(&init), 1000).unwrap();
         s.accept_envelope("job-1", 1, 10_000, 1000, 0).unwrap();
@@ -352,11 +358,7 @@ mod tests {
 
     #[test]
     fn the_envelope_log_is_compacted_while_running_and_keeps_the_live_entries() {
-        let dir = std::env::temp_dir().join(format!("drover-state-log-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let root = SigningKey::generate();
-        let init = keyset_file(&dir, &root);
+        let (dir, root, init) = fresh("state-log");
         let state_dir = dir.join("state");
         let log = state_dir.join("seen-envelopes.log");
         let lines = || std::fs::read_to_string(&log).unwrap().lines().count();

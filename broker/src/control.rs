@@ -1068,8 +1068,7 @@ impl ControlPlane {
         };
         let mut stored = false;
         for (CheckedResult { result, .. }, recorded) in results.into_iter().zip(outcomes) {
-            let agent = result.agent_id.clone();
-            let ack_key = (agent.clone(), result.job_id.clone(), result.attempt);
+            let agent = result.agent_id.as_str();
             match recorded {
                 Recorded::Stored => {
                     stored = true;
@@ -1078,19 +1077,19 @@ impl ControlPlane {
                     let actions = self
                         .rollouts()
                         .get_mut(&result.job_id)
-                        .map(|a| a.rollout.finished(&agent, state, now));
-                    self.emit(&result.job_id, &agent, LiveWhat::State { state, detail });
+                        .map(|a| a.rollout.finished(agent, state, now));
+                    self.emit(&result.job_id, agent, LiveWhat::State { state, detail });
                     // Publishing happens off this loop: waiting here on a full
                     // outgoing queue while the link waits on this loop would stall both.
                     let me = self.clone();
                     tokio::spawn(async move {
-                        let (agent, job, attempt) = ack_key;
-                        me.ack(&agent, &job, attempt).await;
+                        let job = &result.job_id;
+                        me.ack(&result.agent_id, job, result.attempt).await;
                         if let Some(actions) = actions {
-                            me.apply(&job, actions).await;
-                            let done = me.rollouts().get(&job).is_some_and(|a| a.rollout.is_done());
+                            me.apply(job, actions).await;
+                            let done = me.rollouts().get(job).is_some_and(|a| a.rollout.is_done());
                             if done {
-                                me.finish_rollout(&job);
+                                me.finish_rollout(job);
                             }
                         }
                     });
@@ -1099,8 +1098,8 @@ impl ControlPlane {
                     tracing::debug!(agent.id = %agent, job.id = %result.job_id, "duplicate result ignored");
                     let me = self.clone();
                     tokio::spawn(async move {
-                        let (agent, job, attempt) = ack_key;
-                        me.ack(&agent, &job, attempt).await
+                        me.ack(&result.agent_id, &result.job_id, result.attempt)
+                            .await
                     });
                 }
                 Recorded::NoTarget => {
@@ -1113,7 +1112,7 @@ impl ControlPlane {
                         result.job_id, result.attempt
                     );
                     tracing::warn!(agent.id = %agent, "{msg}");
-                    let _ = store.add_event(&agent, "unmatched-result", &msg, now);
+                    let _ = store.add_event(agent, "unmatched-result", &msg, now);
                 }
             }
         }

@@ -146,11 +146,8 @@ impl LinkHandle {
         payload: impl Into<Vec<u8>>,
         retain: bool,
     ) -> Result<(), PublishError> {
-        let payload: Vec<u8> = payload.into();
-        self.client
-            .publish(topic.into(), QoS::AtLeastOnce, retain, payload)
+        self.publish_with(topic.into(), payload.into(), QoS::AtLeastOnce, retain)
             .await
-            .map_err(|e| PublishError(e.to_string()))
     }
 
     /// Queues a QoS 0 publish: at most once, with no broker state and no PUBACK. Only for
@@ -161,9 +158,19 @@ impl LinkHandle {
         topic: impl Into<String>,
         payload: impl Into<Vec<u8>>,
     ) -> Result<(), PublishError> {
-        let payload: Vec<u8> = payload.into();
+        self.publish_with(topic.into(), payload.into(), QoS::AtMostOnce, false)
+            .await
+    }
+
+    async fn publish_with(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        qos: QoS,
+        retain: bool,
+    ) -> Result<(), PublishError> {
         self.client
-            .publish(topic.into(), QoS::AtMostOnce, false, payload)
+            .publish(topic, qos, retain, payload)
             .await
             .map_err(|e| PublishError(e.to_string()))
     }

@@ -172,11 +172,12 @@ impl<T: Signable> Signed<T> {
                 continue;
             }
             match base64::engine::general_purpose::STANDARD.decode(&s.signature) {
-                Ok(sig) if memo.is_some_and(|m| m.holds(&s.key, &msg, &sig)) => good.push(s.key),
-                Ok(sig) if s.key.verify(&msg, &sig) => {
-                    if let Some(m) = memo {
-                        m.remember(&s.key, &msg, &sig);
-                    }
+                Ok(sig)
+                    if memo.map_or_else(
+                        || s.key.verify(&msg, &sig),
+                        |m| m.verify(&s.key, &msg, &sig),
+                    ) =>
+                {
                     good.push(s.key)
                 }
                 Ok(_) => bad = bad.or(Some(s.key)),
@@ -254,24 +255,28 @@ impl SignatureMemo {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn holds(&self, key: &PublicKey, msg: &[u8], sig: &[u8]) -> bool {
+    /// Whether `sig` is `key`'s valid signature of `msg`: answered from memory when the
+    /// same triple checked out before, otherwise checked, and remembered if valid.
+    fn verify(&self, key: &PublicKey, msg: &[u8], sig: &[u8]) -> bool {
         let d = Self::digest(key, msg, sig);
-        self.lock().known.contains(&d)
-    }
-
-    fn remember(&self, key: &PublicKey, msg: &[u8], sig: &[u8]) {
-        let d = Self::digest(key, msg, sig);
-        let mut g = self.lock();
-        if !g.known.insert(d) {
-            return;
+        if self.lock().known.contains(&d) {
+            return true;
         }
-        g.order.push_back(d);
-        while g.order.len() > self.capacity {
-            if let Some(old) = g.order.pop_front() {
-                g.known.remove(&old);
-                self.forgotten.fetch_add(1, Ordering::Relaxed);
+        // Checked without the lock held: other agents' checks go on meanwhile.
+        if !key.verify(msg, sig) {
+            return false;
+        }
+        let mut g = self.lock();
+        if g.known.insert(d) {
+            g.order.push_back(d);
+            while g.order.len() > self.capacity {
+                if let Some(old) = g.order.pop_front() {
+                    g.known.remove(&old);
+                    self.forgotten.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
+        true
     }
 
     /// How many signatures it holds.
