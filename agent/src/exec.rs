@@ -256,13 +256,15 @@ pub fn check_env(env: &[(String, String)]) -> Result<(), ExecError> {
 
 /// Refuses a working directory that is not a clean absolute path of an existing
 /// directory (as the agent sees it).
-pub async fn check_working_dir(dir: &str) -> Result<(), ExecError> {
+pub fn check_working_dir(dir: &str) -> Result<(), ExecError> {
     if dir != "/" && !is_clean_absolute(dir) {
         return Err(ExecError::permanent(format!(
             "working directory {dir:?} must be an absolute path without '.', '..' or '//'"
         )));
     }
-    match tokio::fs::metadata(dir).await {
+    // One `statx` of a local path: not worth a trip through tokio's blocking pool,
+    // which every command would pay for.
+    match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => Err(ExecError::permanent(format!(
             "working directory {dir} is not a directory"
@@ -351,7 +353,7 @@ pub async fn run(
     let path = &program.path;
     check_env(&program.env)?;
     let working_dir = program.working_dir.as_deref().unwrap_or("/");
-    check_working_dir(working_dir).await?;
+    check_working_dir(working_dir)?;
     let mut cmd = tokio::process::Command::new(path);
     cmd.args(&program.args)
         .env_clear()

@@ -3,7 +3,7 @@
 //! Every refusal becomes a result with a `Rejected` status and a reason, logged and sent
 //! to the control plane; nothing a job carries can stop the agent.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -69,6 +69,8 @@ pub struct Stats {
     pub cancels_forgotten: AtomicU64,
     /// Refusals of envelopes that could not be authenticated: sent once, not kept.
     pub unauthenticated_refusals: AtomicU64,
+    /// Copies of envelopes already in hand, ignored (see [`NotRun::Duplicate`]).
+    pub duplicates: AtomicU64,
 }
 
 /// Jobs running now, and cancel requests for jobs that are not (yet).
@@ -78,6 +80,28 @@ struct Jobs {
     running: HashMap<String, CancellationToken>,
     /// By job id, with when the request came.
     cancelled: HashMap<String, u64>,
+    /// (job id, attempt) of envelopes accepted by this process whose result is not in
+    /// the outbox yet. Claimed before the seen set is asked, so that of two copies of
+    /// one envelope arriving together exactly one runs and the other is a duplicate.
+    in_hand: HashSet<(String, u32)>,
+}
+
+/// Why an envelope is not run.
+enum NotRun {
+    /// Refused: the result says why, and goes to the control plane.
+    Refused(Box<JobResult>),
+    /// Another copy of an envelope this agent has already taken: one in hand (running,
+    /// or its result waiting in the outbox), or one the control plane marked as sent
+    /// again (it does that for unanswered envelopes when an agent reconnects). Ignored
+    /// without a report: the one result answers both. A replay of an original envelope
+    /// the agent is done with is still refused and reported.
+    Duplicate { job_id: String, attempt: u32 },
+}
+
+impl From<Box<JobResult>> for NotRun {
+    fn from(r: Box<JobResult>) -> NotRun {
+        NotRun::Refused(r)
+    }
 }
 
 /// Shared state of the job pipeline.
@@ -156,7 +180,17 @@ impl Executor {
     pub async fn handle(&self, payload: Bytes) {
         let started = Instant::now();
         let started_at_ms = now_ms();
-        let result = match self.check_envelope(&payload) {
+        let checked = match self.check_envelope(&payload) {
+            Err(NotRun::Duplicate { job_id, attempt }) => {
+                let n = self.stats.duplicates.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::info!(job.id = %job_id, attempt, duplicates_total = n, "another copy of a job in hand; ignored");
+                return;
+            }
+            Err(NotRun::Refused(refusal)) => Err(refusal),
+            Ok(env) => Ok(env),
+        };
+        let in_hand = checked.as_ref().ok().map(|e| (e.job_id.clone(), e.attempt));
+        let result = match checked {
             Err(refusal) => *refusal,
             Ok(env) => {
                 let span = tracing::info_span!("job", job.id = %env.job_id, attempt = env.attempt);
@@ -288,6 +322,9 @@ impl Executor {
         }
         self.publish(&result).await;
         let _ = std::fs::remove_file(self.marker(&result.job_id, result.attempt));
+        if let Some(key) = in_hand {
+            self.lock_jobs().in_hand.remove(&key);
+        }
     }
 
     /// Signs a result and puts it in the outbox, which publishes it until the control
@@ -516,17 +553,17 @@ impl Executor {
     }
 
     /// Checks the envelope: encoding, signature, address, freshness, replay.
-    fn check_envelope(&self, payload: &[u8]) -> Result<JobEnvelope, Box<JobResult>> {
+    fn check_envelope(&self, payload: &[u8]) -> Result<JobEnvelope, NotRun> {
         let me = &self.config.id;
         let env = self.check_signature(payload)?;
         let refuse = |kind, message: String| {
-            Box::new(JobResult::refused(
+            NotRun::Refused(Box::new(JobResult::refused(
                 &env.job_id,
                 me,
                 env.attempt,
                 kind,
                 message,
-            ))
+            )))
         };
         if &env.agent_id != me {
             return Err(refuse(
@@ -550,15 +587,34 @@ impl Executor {
                 format!("job expired {} ms ago", now - env.expires_at_ms),
             ));
         }
+        let key = (env.job_id.clone(), env.attempt);
+        let duplicate = || NotRun::Duplicate {
+            job_id: env.job_id.clone(),
+            attempt: env.attempt,
+        };
+        if !self.lock_jobs().in_hand.insert(key.clone()) {
+            return Err(duplicate());
+        }
         // Remembered on disk before anything runs, so a restart cannot reopen the door.
-        match self.state.accept_envelope(
+        let accepted = self.state.accept_envelope(
             &env.job_id,
             env.attempt,
             env.expires_at_ms,
             now,
             CLOCK_SKEW_MS,
-        ) {
+        );
+        if accepted.is_err() {
+            self.lock_jobs().in_hand.remove(&key);
+        }
+        match accepted {
             Ok(()) => Ok(env),
+            // A copy the control plane sent again, or one whose answer is still in the
+            // outbox (which sends it again until acknowledged).
+            Err(EnvelopeRefusal::Replayed)
+                if env.resent || self.outbox.holds(&env.job_id, env.attempt) =>
+            {
+                Err(duplicate())
+            }
             Err(EnvelopeRefusal::Replayed) => Err(refuse(
                 FailureKind::Replayed,
                 "job envelope was already received once; replay refused".into(),

@@ -202,6 +202,10 @@ struct Shared {
     /// By job id, which sorts by creation time: an agent that comes back gets its jobs
     /// in the order they were made.
     rollouts: Mutex<BTreeMap<String, Active>>,
+    /// When each online agent's presence last said it came online (this server's
+    /// clock): envelopes sent after that went over its live session, so only older ones
+    /// are sent again when it says hello.
+    connected: Mutex<HashMap<String, u64>>,
 }
 
 /// How often deadlines of rate-controlled jobs are checked.
@@ -301,6 +305,7 @@ impl ControlPlane {
                 results,
                 live,
                 rollouts: Mutex::new(BTreeMap::new()),
+                connected: Mutex::default(),
             }),
         };
         if let Err(e) = cp.restore_rollouts() {
@@ -556,6 +561,7 @@ impl ControlPlane {
             limits: a.limits,
             not_before_ms: now_ms(),
             expires_at_ms: a.expires_ms,
+            resent: false,
         })
     }
 
@@ -575,8 +581,13 @@ impl ControlPlane {
             }
         }
         // Recorded before they go out: an agent may answer before `publish` returns.
-        let agents: Vec<&str> = signed.iter().map(|(a, _)| a.as_str()).collect();
-        if let Err(e) = self.shared.store.mark_sent(&job, &agents, now_ms()) {
+        // The store keeps each body until its agent answers, to send again when the
+        // agent next says hello (see `redeliver`).
+        let sent: Vec<(&str, &[u8])> = signed
+            .iter()
+            .map(|(a, body)| (a.as_str(), body.as_slice()))
+            .collect();
+        if let Err(e) = self.shared.store.mark_sent(&job, &sent, now_ms()) {
             let why = format!("{e:#}");
             failed.extend(
                 signed
@@ -604,6 +615,59 @@ impl ControlPlane {
             }
         }
         failed
+    }
+
+    /// Sends `agent` again every envelope it was sent before `since` (when its presence
+    /// said this connection came up; later ones went over the live session) and has not
+    /// answered. The broker may have lost them (a restart of the server and its
+    /// embedded broker, which keeps sessions in memory, or an external broker that had
+    /// not saved them yet), and nothing else would ever send them again. An agent that
+    /// already has one ignores the copy (marked `resent`) quietly; it never runs a job
+    /// twice.
+    async fn redeliver(&self, agent: &str, since: u64) {
+        let unanswered = self
+            .shared
+            .store
+            .unanswered_envelopes(agent, since, now_ms());
+        let envelopes = match unanswered {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(agent.id = %agent, error = %format!("{e:#}"), "could not read the envelopes to send again");
+                return;
+            }
+        };
+        if envelopes.is_empty() {
+            return;
+        }
+        tracing::info!(agent.id = %agent, count = envelopes.len(), "sending unanswered job envelopes again");
+        for (job, body) in envelopes {
+            // Our own signed envelope, marked as a copy and signed again.
+            let copy = serde_json::from_slice::<Signed<JobEnvelope>>(&body)
+                .map_err(anyhow::Error::from)
+                .and_then(|s| s.unverified().map_err(anyhow::Error::from))
+                .and_then(|mut env| {
+                    env.resent = true;
+                    Ok(serde_json::to_vec(&Signed::sign(
+                        &env,
+                        &self.shared.signer,
+                    ))?)
+                });
+            let body = match copy {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(job.id = %job, agent.id = %agent, error = %format!("{e:#}"), "a kept envelope could not be read; not sent again");
+                    continue;
+                }
+            };
+            if let Err(e) = self
+                .shared
+                .link
+                .publish(topics::down(agent, Down::Job), body, false)
+                .await
+            {
+                tracing::warn!(job.id = %job, agent.id = %agent, error = %e, "could not send a job envelope again");
+            }
+        }
     }
 
     async fn send_cancel(&self, job: &str, agent: &str) {
@@ -635,6 +699,9 @@ impl ControlPlane {
             return Err(ControlError::NotFound(format!("no job {job_id}")));
         }
         let now = now_ms();
+        // Nothing of a cancelled job is sent again, even to an agent whose broker lost
+        // the cancel request.
+        store.forget_envelopes(job_id)?;
         let actions = self
             .rollouts()
             .get_mut(job_id)
@@ -939,6 +1006,7 @@ impl ControlPlane {
                 limits,
                 not_before_ms: now,
                 expires_at_ms: job.expires_ms,
+                resent: false,
             };
             envelopes.push(env);
         }
@@ -1135,6 +1203,19 @@ impl ControlPlane {
                 let p: Presence = serde_json::from_slice(payload)?;
                 let online = p == Presence::Online;
                 store.set_online(agent, online, now)?;
+                {
+                    let mut connected = self
+                        .shared
+                        .connected
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    // Every connection announces itself: the newest one counts.
+                    if online {
+                        connected.insert(agent.to_string(), now);
+                    } else {
+                        connected.remove(agent);
+                    }
+                }
                 tracing::info!(agent.id = %agent, online, "agent presence");
                 self.spawn_agent_online(agent, online);
             }
@@ -1153,6 +1234,15 @@ impl ControlPlane {
                     tokio::spawn(async move { me.send_keyset(&agent).await });
                 }
                 tracing::info!(agent.id = %agent, hostname = %hello.hostname, version = %hello.agent_version, "agent announced");
+                let since = *self
+                    .shared
+                    .connected
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(agent.to_string())
+                    .or_insert(now);
+                let (me, id) = (self.clone(), agent.to_string());
+                tokio::spawn(async move { me.redeliver(&id, since).await });
                 self.spawn_agent_online(agent, true);
             }
             Up::Heartbeat => {

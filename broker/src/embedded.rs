@@ -10,7 +10,9 @@
 //! - **Sessions**: persistent sessions (MQTT 3.1.1 `clean_session=false`, MQTT 5 session
 //!   expiry, capped at [`MAX_SESSION_EXPIRY`]) keep their subscriptions and queue QoS 1/2
 //!   messages while the client is away. With [`BrokerConfig::data_dir`] they (and retained
-//!   messages) are stored on disk and survive a restart; without it, in memory.
+//!   messages) are stored on disk and survive a restart; without it, in memory. `drover
+//!   serve` keeps them in memory: the control plane keeps what must outlive a restart in
+//!   its store and sends it again (see `control::ControlPlane::redeliver`).
 //! - **Listeners** (`listener.rs`): MQTT 3.1.1 and 5 on one plain TCP port, plus
 //!   optionally TLS on another. We run the accept loops ourselves and hand each
 //!   connection to mqtt5's connection handler: TLS handshakes run in their own task with

@@ -63,11 +63,6 @@ impl DataDir {
         self.0.join("drover.db")
     }
 
-    /// The embedded broker's state.
-    pub fn broker_dir(&self) -> PathBuf {
-        self.0.join("broker")
-    }
-
     /// The operator token file.
     pub fn api_token(&self) -> PathBuf {
         self.0.join("api-token")

@@ -91,7 +91,11 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
                 BrokerConfig {
                     listen: config.mqtt_listen,
                     tls: config.mqtt_tls.clone(),
-                    data_dir: Some(data.broker_dir()),
+                    // Sessions and queued messages in memory: what must outlive a
+                    // restart is in the store, and the control plane sends unanswered
+                    // envelopes again when their agent says hello. A broker on disk
+                    // wrote (and deleted) a file per unacknowledged message.
+                    data_dir: None,
                     max_packet_size: MAX_PACKET,
                     max_connections: config.max_connections,
                 },

@@ -381,7 +381,14 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("job_targets", "dispatched_ms", "INTEGER"),
     ("job_targets", "started_ms", "INTEGER"),
     ("job_targets", "finished_ms", "INTEGER"),
+    // The signed envelope as sent, kept until the agent answers: sent again when the
+    // agent next says hello, so no broker has to keep it across a restart.
+    ("job_targets", "envelope", "BLOB"),
 ];
+
+/// Indexes on added columns, made once the columns exist. Partial: it holds only the
+/// few targets sent and not yet answered, so keeping it costs little.
+const ADDED_INDEXES: &str = "CREATE INDEX IF NOT EXISTS job_targets_unanswered ON job_targets(agent_id) WHERE envelope IS NOT NULL;";
 
 fn migrate(conn: &Connection) -> anyhow::Result<()> {
     for (table, column, decl) in ADDED_COLUMNS {
@@ -406,6 +413,7 @@ fn migrate(conn: &Connection) -> anyhow::Result<()> {
             }
         }
     }
+    conn.execute_batch(ADDED_INDEXES)?;
     Ok(())
 }
 
@@ -804,26 +812,59 @@ impl Store {
         Ok(())
     }
 
-    /// Marks targets of one job as sent, in one transaction.
-    pub fn mark_sent(&self, job_id: &str, agent_ids: &[&str], now: u64) -> anyhow::Result<()> {
+    /// Marks targets of one job as sent, in one transaction, keeping each target's
+    /// signed envelope (agent, body) until the agent answers.
+    pub fn mark_sent(&self, job_id: &str, sent: &[(&str, &[u8])], now: u64) -> anyhow::Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         {
             let mut stmt = tx.prepare_cached(
-                "UPDATE job_targets SET status = 'sent', state = 'delivered', dispatched_ms = ?3, updated_ms = ?3 WHERE job_id = ?1 AND agent_id = ?2 AND status = 'pending'",
+                "UPDATE job_targets SET status = 'sent', state = 'delivered', dispatched_ms = ?3, updated_ms = ?3, envelope = ?4 WHERE job_id = ?1 AND agent_id = ?2 AND status = 'pending'",
             )?;
-            for agent in agent_ids {
-                stmt.execute(params![job_id, agent, to_i64(now)])?;
+            for (agent, envelope) in sent {
+                stmt.execute(params![job_id, agent, to_i64(now), envelope])?;
             }
         }
         tx.commit()?;
         Ok(())
     }
 
+    /// The signed envelopes sent to `agent_id` before `sent_before` that it has not
+    /// answered (no result, not started, not settled), of jobs not yet expired at `now`,
+    /// oldest job first.
+    pub fn unanswered_envelopes(
+        &self,
+        agent_id: &str,
+        sent_before: u64,
+        now: u64,
+    ) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT t.job_id, t.envelope FROM job_targets t JOIN jobs j ON j.id = t.job_id \
+             WHERE t.agent_id = ?1 AND t.envelope IS NOT NULL AND t.state = 'delivered' AND t.result IS NULL \
+             AND t.dispatched_ms < ?2 AND j.expires_ms > ?3 \
+             ORDER BY t.job_id",
+        )?;
+        let rows = stmt.query_map(params![agent_id, to_i64(sent_before), to_i64(now)], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Forgets the envelopes kept for a job's targets, so none is ever sent again (the
+    /// job was cancelled).
+    pub fn forget_envelopes(&self, job_id: &str) -> anyhow::Result<()> {
+        self.exec(
+            "UPDATE job_targets SET envelope = NULL WHERE job_id = ?1 AND envelope IS NOT NULL",
+            params![job_id],
+        )?;
+        Ok(())
+    }
+
     /// Records that the agent started a target.
     pub fn mark_started(&self, job_id: &str, agent_id: &str, now: u64) -> anyhow::Result<bool> {
         let n = self.exec(
-            "UPDATE job_targets SET state = 'in_progress', started_ms = ?3, updated_ms = ?3 WHERE job_id = ?1 AND agent_id = ?2 AND state IN ('pending', 'delivered')",
+            "UPDATE job_targets SET state = 'in_progress', started_ms = ?3, updated_ms = ?3, envelope = NULL WHERE job_id = ?1 AND agent_id = ?2 AND state IN ('pending', 'delivered')",
             params![job_id, agent_id, to_i64(now)],
         )?;
         Ok(n > 0)
@@ -839,7 +880,7 @@ impl Store {
         now: u64,
     ) -> anyhow::Result<()> {
         self.exec(
-            "UPDATE job_targets SET state = ?3, detail = ?4, finished_ms = ?5, updated_ms = ?5 WHERE job_id = ?1 AND agent_id = ?2 AND result IS NULL",
+            "UPDATE job_targets SET state = ?3, detail = ?4, finished_ms = ?5, updated_ms = ?5, envelope = NULL WHERE job_id = ?1 AND agent_id = ?2 AND result IS NULL",
             params![job_id, agent_id, state.as_str(), detail, to_i64(now)],
         )?;
         Ok(())
@@ -1037,7 +1078,7 @@ impl Store {
                 Some((_, false)) => {
                     let (state, detail) = crate::rollout::state_of(r);
                     tx.prepare_cached(
-                        "UPDATE job_targets SET status = ?3, result = ?4, updated_ms = ?5, state = ?6, detail = ?7, finished_ms = ?5 WHERE job_id = ?1 AND agent_id = ?2 AND result IS NULL",
+                        "UPDATE job_targets SET status = ?3, result = ?4, updated_ms = ?5, state = ?6, detail = ?7, finished_ms = ?5, envelope = NULL WHERE job_id = ?1 AND agent_id = ?2 AND result IS NULL",
                     )?
                     .execute(params![
                         r.job_id,
@@ -1311,5 +1352,108 @@ impl Store {
         let mut v: Vec<AuditRow> = rows.collect::<Result<_, _>>()?;
         v.reverse();
         Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_protocol::job::FailureKind;
+
+    fn job(store: &Store, id: &str, expires_ms: u64, agents: &[&str]) {
+        let row = JobRow {
+            id: id.into(),
+            plugin: "p".into(),
+            version: 1,
+            targets: "all".into(),
+            input: serde_json::Value::Null,
+            created_ms: 1,
+            expires_ms,
+        };
+        let agents: Vec<String> = agents.iter().map(|a| a.to_string()).collect();
+        store.create_job(&row, &agents, None).unwrap();
+    }
+
+    fn unanswered(store: &Store, agent: &str, now: u64) -> Vec<(String, Vec<u8>)> {
+        store.unanswered_envelopes(agent, now, now).unwrap()
+    }
+
+    #[test]
+    fn sent_envelopes_are_kept_until_their_target_is_answered() {
+        let store = Store::open(Path::new(":memory:")).unwrap();
+        job(&store, "j1", 1_000, &["a", "b", "c", "d"]);
+        job(&store, "j2", 5_000, &["a"]);
+        store
+            .mark_sent(
+                "j1",
+                &[("a", b"env-1a"), ("b", b"env-1b"), ("c", b"env-1c")],
+                10,
+            )
+            .unwrap();
+        store.mark_sent("j2", &[("a", b"env-2a")], 10).unwrap();
+
+        // Oldest job first; a target never sent (d) has nothing to send again.
+        assert_eq!(
+            unanswered(&store, "a", 20),
+            vec![
+                ("j1".into(), b"env-1a".to_vec()),
+                ("j2".into(), b"env-2a".to_vec())
+            ]
+        );
+        assert!(unanswered(&store, "d", 20).is_empty());
+        // Sent since the agent came back: it went over the live session.
+        assert!(store.unanswered_envelopes("a", 10, 20).unwrap().is_empty());
+        // An expired job's envelope would be refused as stale: not sent again.
+        assert_eq!(
+            unanswered(&store, "a", 2_000),
+            vec![("j2".into(), b"env-2a".to_vec())]
+        );
+
+        // Answered in any way (result, started, settled), it is forgotten.
+        let r = JobResult::refused("j1", "a", 1, FailureKind::PluginError, "x".into());
+        assert_eq!(
+            store.record_result(&r, 30, "audit").unwrap(),
+            Recorded::Stored
+        );
+        assert!(store.mark_started("j1", "b", 30).unwrap());
+        store
+            .settle("j1", "c", TargetState::TimedOut, "late", 30)
+            .unwrap();
+        assert_eq!(
+            unanswered(&store, "a", 40),
+            vec![("j2".into(), b"env-2a".to_vec())]
+        );
+        assert!(unanswered(&store, "b", 40).is_empty());
+        assert!(unanswered(&store, "c", 40).is_empty());
+
+        // A cancelled job is never sent again.
+        store.forget_envelopes("j2").unwrap();
+        assert!(unanswered(&store, "a", 40).is_empty());
+    }
+
+    #[test]
+    fn a_database_from_before_kept_envelopes_is_upgraded() {
+        let dir = std::env::temp_dir().join(format!("drover-store-upgrade-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("old.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            // As an older server left it: every added column present but the envelope.
+            for (table, column, decl) in ADDED_COLUMNS.iter().filter(|c| c.1 != "envelope") {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))
+                    .unwrap();
+            }
+        }
+        let store = Store::open(&path).unwrap();
+        job(&store, "j1", 1_000, &["a"]);
+        store.mark_sent("j1", &[("a", b"env")], 10).unwrap();
+        assert_eq!(
+            unanswered(&store, "a", 20),
+            vec![("j1".into(), b"env".to_vec())]
+        );
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

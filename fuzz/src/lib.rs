@@ -168,6 +168,7 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         limits: Limits::default(),
         not_before_ms: 1_700_000_000_000,
         expires_at_ms: 1_700_000_060_000,
+        resent: false,
     };
     out.push((
         "envelope",

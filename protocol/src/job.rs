@@ -49,6 +49,12 @@ pub struct JobEnvelope {
     pub not_before_ms: u64,
     /// Not valid after this time, Unix milliseconds.
     pub expires_at_ms: u64,
+    /// A copy the control plane sent again, because the agent reconnected before
+    /// answering and the broker may have lost the first. An agent that already has the
+    /// job ignores it without reporting a replay; it never runs a job twice either way,
+    /// since what it has seen is kept per (job, attempt).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resent: bool,
 }
 
 impl Signable for JobEnvelope {

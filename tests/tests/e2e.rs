@@ -305,6 +305,7 @@ fn a_forged_envelope_is_refused_and_reported() {
         limits: Default::default(),
         not_before_ms: drover_protocol::now_ms(),
         expires_at_ms: drover_protocol::now_ms() + 600_000,
+        resent: false,
     };
     let signed = drover_protocol::signed::Signed::sign(&env, &key);
     // The attacker changes the parameters and keeps the signature.

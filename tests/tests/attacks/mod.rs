@@ -174,6 +174,59 @@ fn captured_jobs_cannot_be_replayed_or_retargeted() {
     assert_eq!(echo(&f.server, "victim-1")["status"], "succeeded");
 }
 
+/// The control plane sends unanswered envelopes again, marked as copies and signed
+/// again. A copy of a job the agent already took is ignored without a report; the
+/// original replayed is still refused and reported; neither runs it twice.
+#[test]
+fn a_resent_copy_is_ignored_quietly_and_never_runs_a_job_twice() {
+    use drover_protocol::job::JobEnvelope;
+    use drover_protocol::signed::Signed;
+    let f = Field::new(&["copied-1"]);
+    let tap = Tap::start(&f.mosq, "drover/v1/agents/+/down/job");
+    assert_eq!(echo(&f.server, "copied-1")["status"], "succeeded");
+    let captured = tap.first_on(&job_topic("copied-1"));
+
+    let key =
+        drover_protocol::keys::SigningKey::load(&f.server.data.join("keys/control-plane.key"))
+            .unwrap();
+    let signed: Signed<JobEnvelope> = serde_json::from_str(&captured).unwrap();
+    let mut env = signed.unverified().unwrap();
+    env.resent = true;
+    let copy = serde_json::to_vec(&Signed::sign(&env, &key)).unwrap();
+    f.inject(&job_topic("copied-1"), &copy);
+    wait_log(&f.agents[0], "another copy of a job in hand; ignored");
+    assert!(!f.agents[0].log_text().contains("replay refused"));
+
+    // The broker marking a copy itself breaks the signature.
+    let mut marked = signed.clone();
+    marked.payload = marked
+        .payload
+        .replacen("\"job_id\"", "\"resent\":true,\"job_id\"", 1);
+    assert_ne!(marked.payload, signed.payload);
+    f.inject(
+        &job_topic("copied-1"),
+        &serde_json::to_vec(&marked).unwrap(),
+    );
+    wait_log(&f.agents[0], "job envelope refused");
+
+    f.inject(&job_topic("copied-1"), captured.as_bytes());
+    wait_log(&f.agents[0], "replay refused");
+    assert_eq!(f.successes(0), 1, "a copy ran");
+    // The forged mark and the replay are on record; the copy is not.
+    wait_for(
+        Duration::from_secs(30),
+        "two refused envelopes on record",
+        || {
+            let ev = f.events("copied-1");
+            (ev.iter()
+                .filter(|e| e["kind"] == "refused-envelope")
+                .count()
+                == 2)
+                .then_some(())
+        },
+    );
+}
+
 #[test]
 fn forged_results_are_refused_and_recorded() {
     let f = Field::new(&["honest-1", "liar-1"]);

@@ -556,10 +556,7 @@ fn peak_in_flight(view: &Value) -> i32 {
 
 #[test]
 fn a_restarted_server_carries_on_with_a_rate_controlled_command() {
-    // Fixed ports, so the agents find the server again.
-    let (api, mqtt) = (free_port(), free_port());
-    let (api_s, mqtt_s) = (format!("127.0.0.1:{api}"), format!("127.0.0.1:{mqtt}"));
-    let mut server = Server::start_with(&["--api-listen", &api_s, "--mqtt-listen", &mqtt_s]);
+    let mut server = Server::start_restartable();
     publish_command(&server);
     let ids: Vec<String> = (0..3).map(|i| format!("resume-{i}")).collect();
     let _agents: Vec<Agent> = ids

@@ -184,9 +184,7 @@ fn kill_right_after_an_outbox_write_the_stored_result_wins() {
 
 #[test]
 fn results_wait_in_the_outbox_while_the_server_and_its_broker_are_down() {
-    let (api, mqtt) = (free_port(), free_port());
-    let (api_s, mqtt_s) = (format!("127.0.0.1:{api}"), format!("127.0.0.1:{mqtt}"));
-    let mut server = Server::start_with(&["--api-listen", &api_s, "--mqtt-listen", &mqtt_s]);
+    let mut server = Server::start_restartable();
     publish_misbehave(&server);
     let cfg = server.add_agent("patient-1", &[]);
     let agent = Agent::start("patient-1", &cfg, server.dir.path());
@@ -197,6 +195,78 @@ fn results_wait_in_the_outbox_while_the_server_and_its_broker_are_down() {
         "patient-1",
         Server::stop,
         Server::restart,
+    );
+}
+
+/// The agent is away when a job is sent to it. It comes back while the server still
+/// runs (the broker's queued copy and the control plane's resent copy meet: one run),
+/// then again after a server restart, which the embedded broker's queue (in memory)
+/// does not survive: the control plane sends the envelope again from its store.
+#[test]
+fn a_job_for_an_absent_agent_arrives_once_even_across_a_server_restart() {
+    let mut server = Server::start_restartable();
+    publish_misbehave(&server);
+    let cfg = server.add_agent("away-1", &[]);
+    let mut agent = Agent::start("away-1", &cfg, server.dir.path());
+    server.wait_online("away-1");
+    let away = |server: &Server| {
+        wait_for(Duration::from_secs(30), "away-1 offline", || {
+            server.agent_row("away-1").filter(|a| a["online"] == false)
+        });
+    };
+    let echo = r#"{"mode":"echo"}"#;
+    let runs = |job: &str, server: &Server| {
+        let audit = server.json(&["audit", "--target", job, "--action", "job.execute"]);
+        audit.as_array().unwrap().len()
+    };
+
+    // Back while the server runs.
+    agent.stop();
+    away(&server);
+    let first = submit(&server, "away-1", echo, "60s");
+    agent.restart();
+    let r = job_result(&server, &first, Duration::from_secs(60));
+    assert_eq!(r["status"], "succeeded", "{r:#}");
+    // The broker's queued copy ran; the control plane's copy, sent on hello, did not.
+    wait_for(
+        Duration::from_secs(30),
+        "the resent copy to be ignored",
+        || {
+            agent
+                .log_text()
+                .contains("another copy of a job in hand; ignored")
+                .then_some(())
+        },
+    );
+
+    // Back after the server (and its broker) restarted.
+    agent.stop();
+    away(&server);
+    let second = submit(&server, "away-1", echo, "60s");
+    server.restart();
+    agent.restart();
+    let r = job_result(&server, &second, Duration::from_secs(60));
+    assert_eq!(r["status"], "succeeded", "{r:#}");
+    assert!(
+        server
+            .log_text()
+            .contains("sending unanswered job envelopes again"),
+        "the second job came back without being sent again"
+    );
+
+    // Each ran once, and no copy was taken for a replay.
+    wait_for(Duration::from_secs(30), "the outbox to empty", || {
+        (files_in(&agent.data_dir.join("outbox")) == 0).then_some(())
+    });
+    assert_eq!(runs(&first, &server), 1);
+    assert_eq!(runs(&second, &server), 1);
+    assert_eq!(agent.log_text().matches("job succeeded").count(), 2);
+    let log = agent.log_text();
+    assert!(!log.contains("replay refused"), "{log}");
+    let events = server.json(&["agents", "events", "--agent", "away-1"]);
+    assert!(
+        !events.to_string().contains("refused-envelope"),
+        "{events:#}"
     );
 }
 

@@ -161,6 +161,14 @@ impl Server {
         s.spawn(extra)
     }
 
+    /// Like [`Server::start`], on fixed free ports, so that agents find the server again
+    /// after [`Server::restart`].
+    pub fn start_restartable() -> Server {
+        let (api, mqtt) = (free_port(), free_port());
+        let (api, mqtt) = (format!("127.0.0.1:{api}"), format!("127.0.0.1:{mqtt}"));
+        Server::start_with(&["--api-listen", &api, "--mqtt-listen", &mqtt])
+    }
+
     /// Starts the server again with the same flags and data (after [`Server::stop`]).
     /// Give it fixed `--api-listen` and `--mqtt-listen` ports if agents must find it.
     pub fn restart(&mut self) {
