@@ -256,15 +256,19 @@ pub fn check_env(env: &[(String, String)]) -> Result<(), ExecError> {
 
 /// Refuses a working directory that is not a clean absolute path of an existing
 /// directory (as the agent sees it).
-pub fn check_working_dir(dir: &str) -> Result<(), ExecError> {
-    if dir != "/" && !is_clean_absolute(dir) {
+pub async fn check_working_dir(dir: &str) -> Result<(), ExecError> {
+    // The default, which every host has: no trip through tokio's blocking pool (a
+    // thread handoff each way) for the many commands that do not choose one.
+    if dir == "/" {
+        return Ok(());
+    }
+    if !is_clean_absolute(dir) {
         return Err(ExecError::permanent(format!(
             "working directory {dir:?} must be an absolute path without '.', '..' or '//'"
         )));
     }
-    // One `statx` of a local path: not worth a trip through tokio's blocking pool,
-    // which every command would pay for.
-    match std::fs::metadata(dir) {
+    // Off the async workers: a directory on a hung network mount must not stall them.
+    match tokio::fs::metadata(dir).await {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => Err(ExecError::permanent(format!(
             "working directory {dir} is not a directory"
@@ -353,7 +357,7 @@ pub async fn run(
     let path = &program.path;
     check_env(&program.env)?;
     let working_dir = program.working_dir.as_deref().unwrap_or("/");
-    check_working_dir(working_dir)?;
+    check_working_dir(working_dir).await?;
     let mut cmd = tokio::process::Command::new(path);
     cmd.args(&program.args)
         .env_clear()

@@ -456,6 +456,13 @@ impl Executor {
             tracing::info!(job.id = %env.job_id, "job queue full; a repeat of an accepted job dropped");
             return;
         }
+        if env.resent {
+            // A copy the control plane sent again; its original may be waiting in the
+            // queue, and a refusal now would answer for it. If not, the next hello
+            // brings another copy.
+            tracing::warn!(job.id = %env.job_id, dropped_total = n, "job queue full; a copy sent again dropped");
+            return;
+        }
         tracing::error!(job.id = %env.job_id, dropped_total = n, "job queue full; job refused");
         let mut r = JobResult::refused(
             &env.job_id,

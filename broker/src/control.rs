@@ -202,10 +202,6 @@ struct Shared {
     /// By job id, which sorts by creation time: an agent that comes back gets its jobs
     /// in the order they were made.
     rollouts: Mutex<BTreeMap<String, Active>>,
-    /// When each online agent's presence last said it came online (this server's
-    /// clock): envelopes sent after that went over its live session, so only older ones
-    /// are sent again when it says hello.
-    connected: Mutex<HashMap<String, u64>>,
 }
 
 /// How often deadlines of rate-controlled jobs are checked.
@@ -305,7 +301,6 @@ impl ControlPlane {
                 results,
                 live,
                 rollouts: Mutex::new(BTreeMap::new()),
-                connected: Mutex::default(),
             }),
         };
         if let Err(e) = cp.restore_rollouts() {
@@ -617,14 +612,25 @@ impl ControlPlane {
         failed
     }
 
-    /// Sends `agent` again every envelope it was sent before `since` (when its presence
-    /// said this connection came up; later ones went over the live session) and has not
-    /// answered. The broker may have lost them (a restart of the server and its
+    /// Sends `agent` again every cancel request for a target it has not answered, then
+    /// every envelope it was sent before `since` (when it said hello on this connection;
+    /// later ones go over it) and has not answered. The broker may have lost them (a restart of the server and its
     /// embedded broker, which keeps sessions in memory, or an external broker that had
     /// not saved them yet), and nothing else would ever send them again. An agent that
     /// already has one ignores the copy (marked `resent`) quietly; it never runs a job
     /// twice.
     async fn redeliver(&self, agent: &str, since: u64) {
+        // Cancel requests first: the agent remembers one for a job it has not seen yet.
+        match self.shared.store.unanswered_cancels(agent) {
+            Ok(jobs) => {
+                for job in jobs {
+                    self.send_cancel(&job, agent).await;
+                }
+            }
+            Err(e) => {
+                tracing::error!(agent.id = %agent, error = %format!("{e:#}"), "could not read the cancel requests to send again");
+            }
+        }
         let unanswered = self
             .shared
             .store
@@ -688,6 +694,11 @@ impl ControlPlane {
             Err(e) => {
                 tracing::warn!(job.id = %job, agent.id = %agent, error = %e, "could not send cancel request")
             }
+        }
+        // Kept, like envelopes, for an agent whose broker loses the request: it is sent
+        // again when the agent next says hello, until the target has its answer.
+        if let Err(e) = self.shared.store.mark_cancel_sent(job, agent, now_ms()) {
+            tracing::warn!(job.id = %job, agent.id = %agent, error = %format!("{e:#}"), "could not record a cancel request");
         }
     }
 
@@ -1203,19 +1214,6 @@ impl ControlPlane {
                 let p: Presence = serde_json::from_slice(payload)?;
                 let online = p == Presence::Online;
                 store.set_online(agent, online, now)?;
-                {
-                    let mut connected = self
-                        .shared
-                        .connected
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner());
-                    // Every connection announces itself: the newest one counts.
-                    if online {
-                        connected.insert(agent.to_string(), now);
-                    } else {
-                        connected.remove(agent);
-                    }
-                }
                 tracing::info!(agent.id = %agent, online, "agent presence");
                 self.spawn_agent_online(agent, online);
             }
@@ -1234,15 +1232,10 @@ impl ControlPlane {
                     tokio::spawn(async move { me.send_keyset(&agent).await });
                 }
                 tracing::info!(agent.id = %agent, hostname = %hello.hostname, version = %hello.agent_version, "agent announced");
-                let since = *self
-                    .shared
-                    .connected
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .entry(agent.to_string())
-                    .or_insert(now);
+                // A connection says hello before it says it is online, so what is sent
+                // from now on (including what its coming online starts) goes over it.
                 let (me, id) = (self.clone(), agent.to_string());
-                tokio::spawn(async move { me.redeliver(&id, since).await });
+                tokio::spawn(async move { me.redeliver(&id, now).await });
                 self.spawn_agent_online(agent, true);
             }
             Up::Heartbeat => {

@@ -384,11 +384,16 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     // The signed envelope as sent, kept until the agent answers: sent again when the
     // agent next says hello, so no broker has to keep it across a restart.
     ("job_targets", "envelope", "BLOB"),
+    // When a cancel request was sent for a target still open: sent again when the agent
+    // next says hello, until the target has its answer.
+    ("job_targets", "cancel_ms", "INTEGER"),
 ];
 
-/// Indexes on added columns, made once the columns exist. Partial: it holds only the
-/// few targets sent and not yet answered, so keeping it costs little.
-const ADDED_INDEXES: &str = "CREATE INDEX IF NOT EXISTS job_targets_unanswered ON job_targets(agent_id) WHERE envelope IS NOT NULL;";
+/// Indexes on added columns, made once the columns exist. Partial: they hold only the
+/// few targets sent (or asked to cancel) and not yet answered, so keeping them costs
+/// little.
+const ADDED_INDEXES: &str = "CREATE INDEX IF NOT EXISTS job_targets_unanswered ON job_targets(agent_id) WHERE envelope IS NOT NULL; \
+     CREATE INDEX IF NOT EXISTS job_targets_cancelling ON job_targets(agent_id) WHERE cancel_ms IS NOT NULL;";
 
 fn migrate(conn: &Connection) -> anyhow::Result<()> {
     for (table, column, decl) in ADDED_COLUMNS {
@@ -819,7 +824,7 @@ impl Store {
         let tx = conn.transaction()?;
         {
             let mut stmt = tx.prepare_cached(
-                "UPDATE job_targets SET status = 'sent', state = 'delivered', dispatched_ms = ?3, updated_ms = ?3, envelope = ?4 WHERE job_id = ?1 AND agent_id = ?2 AND status = 'pending'",
+                "UPDATE job_targets SET status = 'sent', state = 'delivered', dispatched_ms = ?3, updated_ms = ?3, envelope = ?4 WHERE job_id = ?1 AND agent_id = ?2 AND status = 'pending' AND state = 'pending'",
             )?;
             for (agent, envelope) in sent {
                 stmt.execute(params![job_id, agent, to_i64(now), envelope])?;
@@ -848,6 +853,28 @@ impl Store {
         let rows = stmt.query_map(params![agent_id, to_i64(sent_before), to_i64(now)], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
         })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Notes that a cancel request went to `agent_id` for its target of `job_id`, if that
+    /// target is still open.
+    pub fn mark_cancel_sent(&self, job_id: &str, agent_id: &str, now: u64) -> anyhow::Result<()> {
+        self.exec(
+            "UPDATE job_targets SET cancel_ms = ?3 WHERE job_id = ?1 AND agent_id = ?2 AND result IS NULL AND state IN ('pending', 'delivered', 'in_progress')",
+            params![job_id, agent_id, to_i64(now)],
+        )?;
+        Ok(())
+    }
+
+    /// The jobs whose cancel request went to `agent_id` while its target is still open,
+    /// oldest job first.
+    pub fn unanswered_cancels(&self, agent_id: &str) -> anyhow::Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT job_id FROM job_targets WHERE agent_id = ?1 AND cancel_ms IS NOT NULL \
+             AND result IS NULL AND state IN ('pending', 'delivered', 'in_progress') ORDER BY job_id",
+        )?;
+        let rows = stmt.query_map(params![agent_id], |r| r.get::<_, String>(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -880,7 +907,7 @@ impl Store {
         now: u64,
     ) -> anyhow::Result<()> {
         self.exec(
-            "UPDATE job_targets SET state = ?3, detail = ?4, finished_ms = ?5, updated_ms = ?5, envelope = NULL WHERE job_id = ?1 AND agent_id = ?2 AND result IS NULL",
+            "UPDATE job_targets SET state = ?3, detail = ?4, finished_ms = ?5, updated_ms = ?5, envelope = NULL, cancel_ms = NULL WHERE job_id = ?1 AND agent_id = ?2 AND result IS NULL",
             params![job_id, agent_id, state.as_str(), detail, to_i64(now)],
         )?;
         Ok(())
@@ -1078,7 +1105,7 @@ impl Store {
                 Some((_, false)) => {
                     let (state, detail) = crate::rollout::state_of(r);
                     tx.prepare_cached(
-                        "UPDATE job_targets SET status = ?3, result = ?4, updated_ms = ?5, state = ?6, detail = ?7, finished_ms = ?5, envelope = NULL WHERE job_id = ?1 AND agent_id = ?2 AND result IS NULL",
+                        "UPDATE job_targets SET status = ?3, result = ?4, updated_ms = ?5, state = ?6, detail = ?7, finished_ms = ?5, envelope = NULL, cancel_ms = NULL WHERE job_id = ?1 AND agent_id = ?2 AND result IS NULL",
                     )?
                     .execute(params![
                         r.job_id,
@@ -1432,6 +1459,37 @@ mod tests {
     }
 
     #[test]
+    fn cancel_requests_are_kept_until_their_target_is_answered() {
+        let store = Store::open(Path::new(":memory:")).unwrap();
+        job(&store, "j1", 1_000, &["a", "b"]);
+        job(&store, "j2", 1_000, &["a"]);
+        store
+            .mark_sent("j1", &[("a", b"e"), ("b", b"e")], 10)
+            .unwrap();
+        store.mark_sent("j2", &[("a", b"e")], 10).unwrap();
+        assert!(store.mark_started("j1", "a", 20).unwrap());
+        for (job, agent) in [("j1", "a"), ("j1", "b"), ("j2", "a")] {
+            store.mark_cancel_sent(job, agent, 30).unwrap();
+        }
+        assert_eq!(store.unanswered_cancels("a").unwrap(), ["j1", "j2"]);
+        assert_eq!(store.unanswered_cancels("b").unwrap(), ["j1"]);
+
+        let r = JobResult::refused("j1", "a", 1, FailureKind::Cancelled, "x".into());
+        assert_eq!(
+            store.record_result(&r, 40, "audit").unwrap(),
+            Recorded::Stored
+        );
+        store
+            .settle("j1", "b", TargetState::Undeliverable, "gone", 40)
+            .unwrap();
+        assert_eq!(store.unanswered_cancels("a").unwrap(), ["j2"]);
+        assert!(store.unanswered_cancels("b").unwrap().is_empty());
+        // A target with its answer is not asked again.
+        store.mark_cancel_sent("j1", "a", 50).unwrap();
+        assert_eq!(store.unanswered_cancels("a").unwrap(), ["j2"]);
+    }
+
+    #[test]
     fn a_database_from_before_kept_envelopes_is_upgraded() {
         let dir = std::env::temp_dir().join(format!("drover-store-upgrade-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -1441,7 +1499,8 @@ mod tests {
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(SCHEMA).unwrap();
             // As an older server left it: every added column present but the envelope.
-            for (table, column, decl) in ADDED_COLUMNS.iter().filter(|c| c.1 != "envelope") {
+            let new = ["envelope", "cancel_ms"];
+            for (table, column, decl) in ADDED_COLUMNS.iter().filter(|c| !new.contains(&c.1)) {
                 conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))
                     .unwrap();
             }

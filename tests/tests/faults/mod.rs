@@ -36,24 +36,27 @@ fn files_in(dir: &std::path::Path) -> usize {
         .unwrap_or(0)
 }
 
-#[test]
-fn a_job_cut_short_by_kill_9_is_reported_interrupted_and_never_rerun() {
-    let server = Server::start();
-    publish_misbehave(&server);
-    let cfg = server.add_agent("crashy-1", &[]);
-    let mut agent = Agent::start("crashy-1", &cfg, server.dir.path());
-    server.wait_online("crashy-1");
-
-    let job = submit(
-        &server,
-        "crashy-1",
-        r#"{"mode":"sleep","seconds":60}"#,
-        "120s",
-    );
+/// Publishes misbehave, starts agent `id`, and sends it a job that sleeps `seconds`;
+/// returns once the job runs.
+fn agent_running_a_sleep(server: &Server, id: &str, seconds: u32) -> (Agent, String) {
+    publish_misbehave(server);
+    let cfg = server.add_agent(id, &[]);
+    let agent = Agent::start(id, &cfg, server.dir.path());
+    server.wait_online(id);
+    let input = format!(r#"{{"mode":"sleep","seconds":{seconds}}}"#);
+    let job = submit(server, id, &input, &format!("{}s", seconds * 2));
     let running = agent.data_dir.join("running");
     wait_for(Duration::from_secs(60), "the job to start", || {
         (files_in(&running) == 1).then_some(())
     });
+    (agent, job)
+}
+
+#[test]
+fn a_job_cut_short_by_kill_9_is_reported_interrupted_and_never_rerun() {
+    let server = Server::start();
+    let (mut agent, job) = agent_running_a_sleep(&server, "crashy-1", 60);
+    let running = agent.data_dir.join("running");
     agent.kill9();
     agent.restart();
 
@@ -220,17 +223,18 @@ fn a_job_for_an_absent_agent_arrives_once_even_across_a_server_restart() {
         audit.as_array().unwrap().len()
     };
 
-    // Back while the server runs.
+    // Back while the server runs. The job lasts a second, so the control plane's copy,
+    // sent on hello, finds it in hand.
     agent.stop();
     away(&server);
-    let first = submit(&server, "away-1", echo, "60s");
+    let first = submit(&server, "away-1", r#"{"mode":"sleep","seconds":1}"#, "60s");
     agent.restart();
     let r = job_result(&server, &first, Duration::from_secs(60));
     assert_eq!(r["status"], "succeeded", "{r:#}");
-    // The broker's queued copy ran; the control plane's copy, sent on hello, did not.
+    // One of the two copies ran; the other was ignored.
     wait_for(
         Duration::from_secs(30),
-        "the resent copy to be ignored",
+        "the second copy to be ignored",
         || {
             agent
                 .log_text()
@@ -243,18 +247,18 @@ fn a_job_for_an_absent_agent_arrives_once_even_across_a_server_restart() {
     agent.stop();
     away(&server);
     let second = submit(&server, "away-1", echo, "60s");
+    let before = server.log_text().len();
     server.restart();
     agent.restart();
     let r = job_result(&server, &second, Duration::from_secs(60));
     assert_eq!(r["status"], "succeeded", "{r:#}");
     assert!(
-        server
-            .log_text()
-            .contains("sending unanswered job envelopes again"),
+        server.log_text()[before..].contains("sending unanswered job envelopes again"),
         "the second job came back without being sent again"
     );
 
-    // Each ran once, and no copy was taken for a replay.
+    // Each ran once (two successes in all; the audit has each result stored once), and
+    // no copy was taken for a replay.
     wait_for(Duration::from_secs(30), "the outbox to empty", || {
         (files_in(&agent.data_dir.join("outbox")) == 0).then_some(())
     });
@@ -267,6 +271,30 @@ fn a_job_for_an_absent_agent_arrives_once_even_across_a_server_restart() {
     assert!(
         !events.to_string().contains("refused-envelope"),
         "{events:#}"
+    );
+}
+
+/// A cancel request the broker lost (it went to an agent that was cut off, and the
+/// server and its in-memory broker restarted before the agent came back) is sent again
+/// when the agent says hello: the job stops instead of running to the end.
+#[test]
+fn a_lost_cancel_request_is_sent_again_when_the_agent_returns() {
+    let mut server = Server::start_restartable();
+    let (agent, job) = agent_running_a_sleep(&server, "cut-off-1", 40);
+
+    // Frozen, the agent cannot see its connection go; the new broker has no session for
+    // it, so the cancel request reaches nobody.
+    agent.signal("STOP");
+    server.restart();
+    let out = server.cli(&["command", "cancel", &job]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    agent.signal("CONT");
+
+    let r = job_result(&server, &job, Duration::from_secs(30));
+    assert_eq!(failure_kind(&r), "cancelled", "{r:#}");
+    assert!(
+        server.log_text().matches("cancel request sent").count() >= 2,
+        "the cancel request was not sent again"
     );
 }
 

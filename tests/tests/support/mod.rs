@@ -460,6 +460,17 @@ impl Agent {
         }
     }
 
+    /// Sends the process a signal by name (`STOP`, `CONT`, ...).
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("the agent is running").id();
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{name} {pid} failed");
+    }
+
     /// SIGKILL, no goodbye.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
