@@ -614,11 +614,11 @@ impl ControlPlane {
 
     /// Sends `agent` again every cancel request for a target it has not answered, then
     /// every envelope it was sent before `since` (when it said hello on this connection;
-    /// later ones go over it) and has not answered. The broker may have lost them (a restart of the server and its
-    /// embedded broker, which keeps sessions in memory, or an external broker that had
-    /// not saved them yet), and nothing else would ever send them again. An agent that
-    /// already has one ignores the copy (marked `resent`) quietly; it never runs a job
-    /// twice.
+    /// later ones go over it) and has not answered. The broker may have lost them (a
+    /// restart of the server and its embedded broker, which keeps sessions in memory,
+    /// or an external broker that had not saved them yet), and nothing else would ever
+    /// send them again. An agent that already has a job ignores the copy (marked
+    /// `resent`) quietly; it never runs a job twice.
     async fn redeliver(&self, agent: &str, since: u64) {
         // Cancel requests first: the agent remembers one for a job it has not seen yet.
         match self.shared.store.unanswered_cancels(agent) {

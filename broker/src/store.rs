@@ -386,6 +386,8 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("job_targets", "envelope", "BLOB"),
     // When a cancel request was sent for a target still open: sent again when the agent
     // next says hello, until the target has its answer.
+    // Every statement that answers a target (started, a result, settled) clears what it
+    // no longer needs of these two, so a value present means "still owed".
     ("job_targets", "cancel_ms", "INTEGER"),
 ];
 
@@ -835,7 +837,7 @@ impl Store {
     }
 
     /// The signed envelopes sent to `agent_id` before `sent_before` that it has not
-    /// answered (no result, not started, not settled), of jobs not yet expired at `now`,
+    /// answered (an envelope is kept only until then), of jobs not yet expired at `now`,
     /// oldest job first.
     pub fn unanswered_envelopes(
         &self,
@@ -846,8 +848,7 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT t.job_id, t.envelope FROM job_targets t JOIN jobs j ON j.id = t.job_id \
-             WHERE t.agent_id = ?1 AND t.envelope IS NOT NULL AND t.state = 'delivered' AND t.result IS NULL \
-             AND t.dispatched_ms < ?2 AND j.expires_ms > ?3 \
+             WHERE t.agent_id = ?1 AND t.envelope IS NOT NULL AND t.dispatched_ms < ?2 AND j.expires_ms > ?3 \
              ORDER BY t.job_id",
         )?;
         let rows = stmt.query_map(params![agent_id, to_i64(sent_before), to_i64(now)], |r| {
@@ -866,13 +867,12 @@ impl Store {
         Ok(())
     }
 
-    /// The jobs whose cancel request went to `agent_id` while its target is still open,
-    /// oldest job first.
+    /// The jobs whose cancel request went to `agent_id` and whose target it has not
+    /// answered (the request is kept only until then), oldest job first.
     pub fn unanswered_cancels(&self, agent_id: &str) -> anyhow::Result<Vec<String>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT job_id FROM job_targets WHERE agent_id = ?1 AND cancel_ms IS NOT NULL \
-             AND result IS NULL AND state IN ('pending', 'delivered', 'in_progress') ORDER BY job_id",
+            "SELECT job_id FROM job_targets WHERE agent_id = ?1 AND cancel_ms IS NOT NULL ORDER BY job_id",
         )?;
         let rows = stmt.query_map(params![agent_id], |r| r.get::<_, String>(0))?;
         Ok(rows.collect::<Result<_, _>>()?)

@@ -36,13 +36,18 @@ fn files_in(dir: &std::path::Path) -> usize {
         .unwrap_or(0)
 }
 
-/// Publishes misbehave, starts agent `id`, and sends it a job that sleeps `seconds`;
-/// returns once the job runs.
-fn agent_running_a_sleep(server: &Server, id: &str, seconds: u32) -> (Agent, String) {
+/// Publishes misbehave and starts agent `id`; returns once it is online.
+fn misbehave_agent(server: &Server, id: &str) -> Agent {
     publish_misbehave(server);
     let cfg = server.add_agent(id, &[]);
     let agent = Agent::start(id, &cfg, server.dir.path());
     server.wait_online(id);
+    agent
+}
+
+/// [`misbehave_agent`], sent a job that sleeps `seconds`; returns once the job runs.
+fn agent_running_a_sleep(server: &Server, id: &str, seconds: u32) -> (Agent, String) {
+    let agent = misbehave_agent(server, id);
     let input = format!(r#"{{"mode":"sleep","seconds":{seconds}}}"#);
     let job = submit(server, id, &input, &format!("{}s", seconds * 2));
     let running = agent.data_dir.join("running");
@@ -123,10 +128,7 @@ fn across_an_outage(
 /// it again, and returns the one result the server stored.
 fn crash_in_outbox(point: &str, id: &str) -> (Server, Agent, String, Value) {
     let server = Server::start();
-    publish_misbehave(&server);
-    let cfg = server.add_agent(id, &[]);
-    let mut agent = Agent::start(id, &cfg, server.dir.path());
-    server.wait_online(id);
+    let mut agent = misbehave_agent(&server, id);
     agent.stop();
     agent.env = vec![("DROVER_TEST_CRASH".into(), point.into())];
     agent.restart();
@@ -188,10 +190,7 @@ fn kill_right_after_an_outbox_write_the_stored_result_wins() {
 #[test]
 fn results_wait_in_the_outbox_while_the_server_and_its_broker_are_down() {
     let mut server = Server::start_restartable();
-    publish_misbehave(&server);
-    let cfg = server.add_agent("patient-1", &[]);
-    let agent = Agent::start("patient-1", &cfg, server.dir.path());
-    server.wait_online("patient-1");
+    let agent = misbehave_agent(&server, "patient-1");
     across_an_outage(
         &mut server,
         &agent,
@@ -208,10 +207,7 @@ fn results_wait_in_the_outbox_while_the_server_and_its_broker_are_down() {
 #[test]
 fn a_job_for_an_absent_agent_arrives_once_even_across_a_server_restart() {
     let mut server = Server::start_restartable();
-    publish_misbehave(&server);
-    let cfg = server.add_agent("away-1", &[]);
-    let mut agent = Agent::start("away-1", &cfg, server.dir.path());
-    server.wait_online("away-1");
+    let mut agent = misbehave_agent(&server, "away-1");
     let away = |server: &Server| {
         wait_for(Duration::from_secs(30), "away-1 offline", || {
             server.agent_row("away-1").filter(|a| a["online"] == false)
