@@ -139,6 +139,8 @@ pub enum FailureKind {
     OutputLimit,
     /// The plugin's returned output is not what its world promises.
     BadOutput,
+    /// The job's input is not what the plugin's world takes; the plugin was not called.
+    BadInput,
     /// The agent stopped (crashed, was killed) while the job ran; it is not re-run.
     Interrupted,
     /// The operator cancelled the job; whatever it started was killed.
@@ -161,6 +163,7 @@ impl FailureKind {
                 | FailureKind::PolicyDenied
                 | FailureKind::CompileFailed
                 | FailureKind::AgentError
+                | FailureKind::BadInput
         )
     }
 }
@@ -175,6 +178,62 @@ pub struct Failure {
     /// Whether running the job again unchanged could succeed.
     #[serde(default)]
     pub retryable: bool,
+    /// Which case of the WIT `plugin-error` variant a plugin returned, for
+    /// [`FailureKind::PluginError`] from plugins built against `drover:plugin@0.2.0` or
+    /// later; none otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin_error: Option<PluginErrorKind>,
+}
+
+impl Failure {
+    /// A failure that no plugin reported, and that a retry cannot mend.
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Failure {
+        Failure {
+            kind,
+            message: message.into(),
+            retryable: false,
+            plugin_error: None,
+        }
+    }
+}
+
+/// The cases of the WIT `plugin-error` variant (`wit/types.wit`), which say why a
+/// plugin could not do its work and whether a retry can help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PluginErrorKind {
+    /// Something was not granted or not allowed. A retry cannot help until the
+    /// manifest or the agent's policy changes.
+    Denied,
+    /// The job's input or parameters are wrong. A retry cannot help until they change.
+    InvalidInput,
+    /// Something needed is missing or busy right now. A retry may help.
+    Unavailable,
+    /// An operation did not finish in time. A retry may help.
+    TimedOut,
+    /// The work failed for another reason. A retry is not expected to help.
+    Failed,
+}
+
+impl PluginErrorKind {
+    /// Whether running the same job again, unchanged, could succeed.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            PluginErrorKind::Unavailable | PluginErrorKind::TimedOut
+        )
+    }
+
+    /// The name used in results and by the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PluginErrorKind::Denied => "denied",
+            PluginErrorKind::InvalidInput => "invalid_input",
+            PluginErrorKind::Unavailable => "unavailable",
+            PluginErrorKind::TimedOut => "timed_out",
+            PluginErrorKind::Failed => "failed",
+        }
+    }
 }
 
 /// Captured bytes of one output stream.
@@ -248,11 +307,7 @@ impl JobResult {
             plugin: String::new(),
             plugin_version: 0,
             status: ResultStatus::Rejected,
-            failure: Some(Failure {
-                kind,
-                message,
-                retryable: false,
-            }),
+            failure: Some(Failure::new(kind, message)),
             output: None,
             stdout: Captured::default(),
             stderr: Captured::default(),

@@ -9,12 +9,16 @@
 //! - [`chunk`]: plugin blobs in chunks.
 //! - [`secret`]: secrets sealed to one agent.
 //! - [`agent`]: what an agent announces.
+//! - [`worlds`]: the typed inputs and outputs of the plugin worlds in `wit/`.
+//! - [`durable`]: crash-safe file writes, for both binaries.
 //! - [`enroll`]: enrollment, heartbeats, and what agents sign.
 //! - `link` (feature `link`): the MQTT connection with reconnect and backoff.
+//! - `telemetry` (feature `telemetry`): the one logging setup of every binary.
 //!
 //! Everything here decodes untrusted bytes; nothing here panics on them.
 pub mod agent;
 pub mod chunk;
+pub mod durable;
 pub mod enroll;
 pub mod job;
 pub mod keys;
@@ -23,6 +27,7 @@ pub mod manifest;
 pub mod secret;
 pub mod signed;
 pub mod topics;
+pub mod worlds;
 
 /// The current time as Unix milliseconds.
 pub fn now_ms() -> u64 {
@@ -39,3 +44,5 @@ pub fn now_secs() -> u64 {
 
 #[cfg(feature = "link")]
 pub mod link;
+#[cfg(feature = "telemetry")]
+pub mod telemetry;

@@ -12,6 +12,8 @@ pub enum World {
     InventoryCollector,
     /// `task`: JSON in, JSON out.
     Task,
+    /// `command-runner`: a program or shell script in, its exit code and output out.
+    CommandRunner,
 }
 
 impl World {
@@ -20,6 +22,7 @@ impl World {
         match self {
             World::InventoryCollector => "inventory-collector",
             World::Task => "task",
+            World::CommandRunner => "command-runner",
         }
     }
 }
@@ -30,8 +33,9 @@ impl std::str::FromStr for World {
         match s {
             "inventory-collector" => Ok(World::InventoryCollector),
             "task" => Ok(World::Task),
+            "command-runner" => Ok(World::CommandRunner),
             other => Err(format!(
-                "unknown world {other:?}; expected inventory-collector or task"
+                "unknown world {other:?}; expected inventory-collector, command-runner or task"
             )),
         }
     }
