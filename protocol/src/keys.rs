@@ -180,19 +180,9 @@ pub fn load_public(path: &Path) -> Result<PublicKey, KeyError> {
     PublicKey::from_hex(&text)
 }
 
-/// Creates `path` with mode 0600 and writes `bytes`; fails if it exists.
+/// Creates `path` with mode 0600 and writes `bytes`, durably; fails if it exists.
 pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
+    crate::durable::create_private(path, bytes)
 }
 
 #[cfg(test)]
