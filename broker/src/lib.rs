@@ -1,30 +1,38 @@
 //! `drover`: the server side and the operator CLI.
 //!
-//! - [`server`]: `drover serve`, wiring everything below together.
-//! - [`embedded`]: the embedded MQTT broker, with per-client auth and topic ACLs.
-//! - [`credentials`]: broker credentials, checked against the store.
-//! - [`enrollment`]: activation codes and agent enrollment.
-//! - [`mosquitto`]: password, ACL and settings files for Mosquitto as external broker.
-//! - [`control`]: the control plane: signed job envelopes, plugin chunks, results.
-//! - [`rollout`]: rate control: max concurrency, max errors, ramp, deadlines.
-//! - [`command`]: Run Command: commands as rate-controlled jobs of the command runner.
-//! - [`store`]: the SQLite store of agents, plugins, jobs and results.
-//! - [`api`]: the HTTP API.
-//! - [`client`]: the CLI's HTTP client.
-//! - [`cli`]: the command line.
-//! - [`paths`]: the data directory layout.
-//! - [`trust`]: the root-signed key set agents trust, and its rotation.
+//! The core, bottom up:
+//! - [`clock`], [`paths`], [`tokens`]: time, the data directory, random tokens.
+//! - [`store`]: the database and how each capability's tables evolve.
+//! - [`events`]: the durable event log capabilities react to.
+//! - [`mqtt`]: the embedded broker, external brokers' files, publishing.
+//! - [`trust`]: the key set agents trust.
+//!
+//! The capabilities, each a folder with its tables, routes, types and CLI groups:
+//! - [`audit`]: the audit log.
+//! - [`fleet`]: agents, presence, identity, enrollment.
+//! - [`plugins`]: the plugin catalogue.
+//! - [`jobs`]: the job engine, which never names a feature.
+//! - [`run_command`]: Run Command, the first feature on the engine.
+//!
+//! Composition: [`server`] (`drover serve`), [`ingress`] (agents' messages to the
+//! capabilities), [`api`] (the HTTP API and its OpenAPI document), [`capability`] (what
+//! a capability brings), [`commands`] (the command line), on [`cli`] (what command
+//! groups share).
 pub mod api;
+pub mod audit;
+pub mod capability;
 pub mod cli;
-pub mod client;
-pub mod command;
-pub mod control;
-pub mod credentials;
-pub mod embedded;
-pub mod enrollment;
-pub mod mosquitto;
+pub mod clock;
+pub mod commands;
+pub mod events;
+pub mod fleet;
+pub mod ingress;
+pub mod jobs;
+pub mod mqtt;
 pub mod paths;
-pub mod rollout;
+pub mod plugins;
+pub mod run_command;
 pub mod server;
 pub mod store;
+pub mod tokens;
 pub mod trust;

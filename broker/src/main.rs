@@ -1,19 +1,15 @@
 //! `drover`: parse flags, start logging, run the command.
 
 use clap::Parser;
+use drover_protocol::telemetry;
 
 fn main() {
-    let cli = drover::cli::Cli::parse();
-    if !matches!(cli.command, drover::cli::Command::Serve(_)) {
+    let cli = drover::commands::Cli::parse();
+    if !matches!(cli.command, drover::commands::Command::Serve(_)) {
         default_sigpipe();
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    match drover::cli::run(cli) {
+    telemetry::init("info", telemetry::Format::Text);
+    match drover::commands::run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -22,9 +18,9 @@ fn main() {
     }
 }
 
-/// Lets SIGPIPE end the process, as it does `cat` and `grep`: `drover job list | head` then
-/// stops quietly when `head` does, instead of panicking in `println!` on a closed pipe.
-/// The server keeps Rust's default (ignored), so a closed stdout never kills it.
+/// Lets SIGPIPE end the process, as it does `cat` and `grep`: `drover job list | head`
+/// then stops quietly when `head` does, instead of panicking in `println!` on a closed
+/// pipe. The server keeps Rust's default (ignored), so a closed stdout never kills it.
 #[cfg(unix)]
 fn default_sigpipe() {
     // SAFETY: called first thing in `main`, before any other thread exists, and SIG_DFL

@@ -1,10 +1,23 @@
-//! The server's data directory layout.
+//! The server's data directory layout, and `server.json`, which tells the CLI where a
+//! running server is.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
 
-use crate::server::ServerInfo;
+/// What a running server tells the CLI and tests: written to `server.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerInfo {
+    /// The HTTP API's base URL.
+    pub api: String,
+    /// The broker agents should connect to.
+    pub broker: String,
+    /// The embedded broker's TLS address, if any.
+    pub broker_tls: Option<String>,
+    /// The server's process id.
+    pub pid: u32,
+}
 
 /// The data directory: database, keys, broker state, operator token.
 #[derive(Debug, Clone)]
@@ -77,8 +90,8 @@ impl DataDir {
     pub fn ensure_api_token(&self) -> anyhow::Result<String> {
         let path = self.api_token();
         if !path.exists() {
-            let token = crate::credentials::new_password();
-            drover_protocol::keys::write_private(&path, token.as_bytes())
+            let token = crate::tokens::new_password();
+            drover_protocol::durable::create_private(&path, token.as_bytes())
                 .with_context(|| format!("writing {}", path.display()))?;
         }
         Ok(std::fs::read_to_string(&path)
@@ -87,12 +100,11 @@ impl DataDir {
             .to_string())
     }
 
-    /// Writes `server.json` atomically.
+    /// Writes `server.json`, whole or not at all.
     pub fn write_server_info(&self, info: &ServerInfo) -> anyhow::Result<()> {
-        let tmp = self.0.join("server.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(info)?)?;
-        std::fs::rename(&tmp, self.server_info())?;
-        Ok(())
+        let path = self.server_info();
+        drover_protocol::durable::replace(&path, &serde_json::to_vec_pretty(info)?)
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     /// Reads `server.json`.

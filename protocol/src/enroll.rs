@@ -11,6 +11,7 @@ use crate::signed::Signed;
 
 /// What an agent sends to enroll.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EnrollRequest {
     /// The activation's id.
     pub activation_id: String,
@@ -30,6 +31,7 @@ pub struct EnrollRequest {
 
 /// What the server answers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EnrollResponse {
     /// The agent's id.
     pub agent_id: String,
@@ -45,6 +47,7 @@ pub struct EnrollResponse {
     /// Distinct roots that signed the key set.
     pub root_threshold: u32,
     /// The key set to trust.
+    #[cfg_attr(feature = "openapi", schema(value_type = crate::openapi::SignedDoc))]
     pub keyset: Signed<KeySet>,
     /// Tags the activation gives the agent.
     pub tags: BTreeMap<String, String>,

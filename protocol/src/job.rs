@@ -7,6 +7,7 @@ use crate::signed::{Signable, Signed};
 
 /// Resource limits for one run. The agent applies the smaller of these and its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Limits {
     /// Wall-clock deadline for the plugin call, in milliseconds.
     pub timeout_ms: u64,
@@ -81,6 +82,7 @@ pub enum Parameter {
 /// How a job ended on one agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ResultStatus {
     /// The plugin ran and returned output.
     Succeeded,
@@ -104,6 +106,7 @@ impl ResultStatus {
 /// Why a job did not succeed. The first group are refusals (nothing ran).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum FailureKind {
     /// The envelope's signature or encoding is bad.
     BadEnvelope,
@@ -170,6 +173,7 @@ impl FailureKind {
 
 /// What went wrong, for the operator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Failure {
     /// The category.
     pub kind: FailureKind,
@@ -201,6 +205,7 @@ impl Failure {
 /// plugin could not do its work and whether a retry can help.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum PluginErrorKind {
     /// Something was not granted or not allowed. A retry cannot help until the
     /// manifest or the agent's policy changes.
@@ -238,6 +243,7 @@ impl PluginErrorKind {
 
 /// Captured bytes of one output stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Captured {
     /// What was kept, as UTF-8 (invalid sequences replaced).
     pub text: String,
@@ -249,6 +255,7 @@ pub struct Captured {
 
 /// Where the time went.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Timings {
     /// Fetching the blob; 0 when cached.
     pub fetch_ms: u64,
@@ -262,6 +269,7 @@ pub struct Timings {
 
 /// A job's result from one agent.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobResult {
     /// The job.
     pub job_id: String,
@@ -330,6 +338,7 @@ pub struct ResultAck {
 /// Which output stream a piece of live output came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum StreamName {
     /// Standard output.
     Stdout,

@@ -15,6 +15,7 @@ use crate::signed::{Signable, SignatureError, Signed};
 /// The trusted keys, as signed by the roots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KeySet {
     /// Strictly increasing.
     pub version: u64,

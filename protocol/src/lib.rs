@@ -44,5 +44,7 @@ pub fn now_secs() -> u64 {
 
 #[cfg(feature = "link")]
 pub mod link;
+#[cfg(feature = "openapi")]
+pub mod openapi;
 #[cfg(feature = "telemetry")]
 pub mod telemetry;

@@ -7,6 +7,7 @@ use crate::signed::Signable;
 /// The WIT world a plugin implements (see `wit/worlds.wit`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum World {
     /// `inventory-collector`: returns typed inventory.
     InventoryCollector,
@@ -47,6 +48,7 @@ impl std::str::FromStr for World {
 /// does not know is refused rather than run with less than it expects.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Capabilities {
     /// The `host-facts` import returns facts instead of `none`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -184,6 +186,7 @@ pub fn is_valid_parameter_name(name: &str) -> bool {
 /// A plugin manifest, as signed by a publisher key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Manifest {
     /// The plugin's name: 1–64 characters of `[a-z0-9-]`.
     pub name: String,

@@ -54,6 +54,7 @@ pub enum SignatureError {
 
 /// One signature over a document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Signature {
     /// The key that signed.
     pub key: PublicKey,
