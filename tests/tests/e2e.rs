@@ -6,6 +6,7 @@ mod broker_acl;
 mod capabilities;
 mod commands;
 mod faults;
+mod openapi;
 mod support;
 
 use std::time::{Duration, Instant};

@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use tracing::Instrument as _;
+
 use super::Jobs;
 use crate::events::{BoxFuture, Consumer, Event};
 use crate::fleet::Lifecycle;
@@ -41,10 +43,14 @@ impl Consumer for EngineConsumer {
                         // Sending waits on the link: off the consumer's path, as the
                         // next agent's events should not wait for this one's envelopes.
                         let jobs = self.0.clone();
-                        tokio::spawn(async move {
-                            jobs.redeliver(&agent_id, since_ms).await;
-                            jobs.agent_online(&agent_id, true).await;
-                        });
+                        let span = tracing::info_span!("agent_online", agent.id = %agent_id);
+                        tokio::spawn(
+                            async move {
+                                jobs.redeliver(&agent_id, since_ms).await;
+                                jobs.agent_online(&agent_id, true).await;
+                            }
+                            .instrument(span),
+                        );
                     }
                     Lifecycle::Offline { agent_id } => self.0.agent_online(&agent_id, false).await,
                     Lifecycle::Deregistered { agent_id } => {

@@ -6,6 +6,7 @@ use drover_protocol::job::{FailureKind, JobResult, ResultAck, ResultStatus};
 use drover_protocol::manifest::World;
 use drover_protocol::topics::{self, Down, Up};
 use drover_protocol::worlds::Output;
+use tracing::Instrument as _;
 
 use super::Jobs;
 use super::events::{Finished, TARGET_FINISHED, TargetFinished};
@@ -116,14 +117,18 @@ impl Jobs {
                     // Publishing happens off this loop: waiting here on a full outgoing
                     // queue while the link waits on this loop would stall both.
                     let me = self.clone();
-                    tokio::spawn(async move {
-                        let job = &result.job_id;
-                        me.ack(&result.agent_id, job, result.attempt).await;
-                        if let Some(actions) = actions {
-                            me.apply(job, actions).await;
-                            me.finish_if_done(job).await;
+                    let span = tracing::info_span!("result", agent.id = %agent, job.id = %result.job_id, plugin = %result.plugin);
+                    tokio::spawn(
+                        async move {
+                            let job = &result.job_id;
+                            me.ack(&result.agent_id, job, result.attempt).await;
+                            if let Some(actions) = actions {
+                                me.apply(job, actions).await;
+                                me.finish_if_done(job).await;
+                            }
                         }
-                    });
+                        .instrument(span),
+                    );
                 }
                 Recorded::Duplicate => {
                     tracing::debug!(agent.id = %agent, job.id = %result.job_id, "duplicate result ignored");

@@ -30,7 +30,6 @@ use drover_protocol::manifest::World;
 use drover_protocol::worlds::Output;
 use serde::{Deserialize, Serialize};
 
-
 /// Extra time past a target's deadline before the server gives up on its result. The
 /// agent reports a job started before it fetches and compiles the plugin, which the job's
 /// deadline does not cover, so this leaves room for that too.

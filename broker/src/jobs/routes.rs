@@ -79,17 +79,28 @@ async fn create_job(
     Json(req): Json<JobRequest>,
 ) -> Result<(StatusCode, Json<JobCreated>), ApiError> {
     let what = format!("{} on {}", req.plugin, req.targets);
-    match s.jobs.submit(req).await {
+    audited(&s.audit, "job.create", &what, s.jobs.submit(req).await).await
+}
+
+/// Records a submission in the audit log, as `action` on the new job or, refused, on
+/// `what` was asked; and answers it.
+pub async fn audited(
+    audit: &Audit,
+    action: &str,
+    what: &str,
+    submitted: Result<JobCreated, SubmitError>,
+) -> Result<(StatusCode, Json<JobCreated>), ApiError> {
+    match submitted {
         Ok(created) => {
             let detail = format!("{what}: {} agent(s)", created.agents.len());
-            s.audit
-                .record("operator", "job.create", &created.job_id, "ok", &detail)
+            audit
+                .record("operator", action, &created.job_id, "ok", &detail)
                 .await;
             Ok((StatusCode::CREATED, Json(created)))
         }
         Err(e) => {
-            s.audit
-                .record("operator", "job.create", &what, "refused", &e.to_string())
+            audit
+                .record("operator", action, what, "refused", &e.to_string())
                 .await;
             Err(submit_error(e))
         }

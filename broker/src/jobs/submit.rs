@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use drover_protocol::job::Limits;
+use tracing::Instrument as _;
 
 use super::envelope;
 use super::rollout::{Amount, Ramp, RatePolicy, Rollout};
@@ -176,16 +177,19 @@ impl Jobs {
                 has_secrets: !req.secrets.is_empty(),
             },
         );
-        tracing::info!(
-            job.id = %job.id,
-            plugin = %plugin.name,
-            version = plugin.version,
-            targets = agents.len(),
-            max_concurrency = ?policy.max_concurrency,
-            max_errors = ?policy.max_errors,
-            "job created"
-        );
-        self.apply(&job.id, actions).await;
+        let span = tracing::info_span!("job", job.id = %job.id, plugin = %plugin.name);
+        async {
+            tracing::info!(
+                version = plugin.version,
+                targets = agents.len(),
+                max_concurrency = ?policy.max_concurrency,
+                max_errors = ?policy.max_errors,
+                "job created"
+            );
+            self.apply(&job.id, actions).await;
+        }
+        .instrument(span)
+        .await;
         Ok(JobCreated {
             job_id: job.id,
             version: plugin.version,

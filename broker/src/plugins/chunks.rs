@@ -2,6 +2,7 @@
 
 use drover_protocol::chunk::{self, ChunkHeader, FetchRequest};
 use drover_protocol::topics::{self, Down};
+use tracing::Instrument as _;
 
 use super::{Plugins, store};
 use crate::mqtt::publisher::Delivery;
@@ -12,8 +13,9 @@ impl Plugins {
     pub async fn serve_chunks(&self, agent: &str, payload: &[u8]) -> anyhow::Result<()> {
         let req: FetchRequest = serde_json::from_slice(payload)?;
         let (me, agent) = (self.clone(), agent.to_string());
+        let span = tracing::info_span!("fetch", agent.id = %agent, sha256 = %req.sha256);
         // Publishing many chunks waits on the link: off the incoming loop.
-        tokio::spawn(async move { me.send_chunks(&agent, req).await });
+        tokio::spawn(async move { me.send_chunks(&agent, req).await }.instrument(span));
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use utoipa_axum::routes;
 use super::RunCommand;
 use super::types::{CommandListQuery, CommandRequest, CommandSummary};
 use crate::api::error::{ApiError, ErrorBody, ErrorCode, Json, Query};
-use crate::jobs::routes::submit_error;
+use crate::jobs::routes::audited;
 use crate::jobs::types::JobCreated;
 
 /// Run Command's routes.
@@ -34,27 +34,7 @@ async fn create_command(
     Json(req): Json<CommandRequest>,
 ) -> Result<(StatusCode, Json<JobCreated>), ApiError> {
     let what = format!("{} on {}", req.describe(), req.targets);
-    match rc.create(req).await {
-        Ok(created) => {
-            let detail = format!("{what}: {} agent(s)", created.agents.len());
-            rc.audit
-                .record("operator", "command.create", &created.job_id, "ok", &detail)
-                .await;
-            Ok((StatusCode::CREATED, Json(created)))
-        }
-        Err(e) => {
-            rc.audit
-                .record(
-                    "operator",
-                    "command.create",
-                    &what,
-                    "refused",
-                    &e.to_string(),
-                )
-                .await;
-            Err(submit_error(e))
-        }
-    }
+    audited(&rc.audit, "command.create", &what, rc.create(req).await).await
 }
 
 /// Lists recent commands, newest first: what each ran, and its targets' states and exit
