@@ -52,7 +52,7 @@ drover plugin publish "$demo/inventory.wasm"
 drover plugin sign "$demo/misbehave.wasm" --name misbehave --version 1 --world task
 drover plugin publish "$demo/misbehave.wasm"
 # Run Command asks for any program: only agents whose policy has exec = ["*"] run it.
-drover plugin sign "$demo/command.wasm" --name command --version 1 --world task --exec '*'
+drover plugin sign "$demo/command.wasm" --name command --version 1 --world command-runner --exec '*'
 drover plugin publish "$demo/command.wasm"
 
 say "==> starting a local agent"

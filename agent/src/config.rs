@@ -11,7 +11,7 @@ use drover_protocol::link::BrokerUrl;
 use drover_protocol::manifest::{Capabilities, NetAddr, is_clean_absolute};
 use serde::Deserialize;
 
-use crate::exec::ANY_PROGRAM;
+use crate::sandbox::exec::ANY_PROGRAM;
 
 /// The configuration file, as written.
 #[derive(Debug, Default, Deserialize)]

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use drover_protocol::durable;
 use drover_protocol::enroll::{EnrollRequest, EnrollResponse};
 use drover_protocol::keys::{PublicKey, SigningKey, write_private};
 use drover_protocol::secret::AgentSecretKey;
@@ -110,6 +111,20 @@ pub struct EnrollSettings {
     pub code: String,
 }
 
+/// Enrolls this host as agent `agent_id` with the keys in `data_dir` (made there if
+/// need be), as `drover-agent enroll` does. Blocking.
+pub fn enroll_here(
+    data_dir: &Path,
+    agent_id: &str,
+    settings: &EnrollSettings,
+) -> anyhow::Result<Enrollment> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    let identity = Identity::load_or_create(data_dir)?;
+    let hostname = crate::facts::HostFacts::gather().hostname;
+    enroll(data_dir, settings, Some(agent_id), &identity, &hostname)
+}
+
 /// Enrolls with the server and stores the result. Blocking: call from a blocking
 /// context.
 pub fn enroll(
@@ -162,7 +177,8 @@ pub fn enroll(
     }
     let dir = dir(data_dir);
     let keyset_file = dir.join("keyset-initial.json");
-    std::fs::write(&keyset_file, serde_json::to_vec_pretty(&r.keyset)?)?;
+    durable::replace(&keyset_file, &serde_json::to_vec_pretty(&r.keyset)?)
+        .with_context(|| format!("writing {}", keyset_file.display()))?;
     let e = Enrollment {
         agent_id: r.agent_id,
         broker: r.broker,
@@ -173,11 +189,10 @@ pub fn enroll(
         keyset_file,
         tags: r.tags,
     };
+    // It holds the broker password: the owner's alone.
     let path = dir.join("enrollment.json");
-    let tmp = dir.join("enrollment.json.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    write_private(&tmp, &serde_json::to_vec_pretty(&e)?)?;
-    std::fs::rename(&tmp, &path)?;
+    durable::replace_private(&path, &serde_json::to_vec_pretty(&e)?)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(e)
 }
 

@@ -1,29 +1,22 @@
 //! The Drover agent.
 //!
-//! - [`agent`]: the main loop: connect, announce, route messages.
+//! - [`daemon`]: connect, announce, route what arrives; [`daemon::Shared`] for agents
+//!   that share one process.
 //! - [`config`]: configuration file and flags, and the local capability policy.
-//! - [`executor`]: envelope checks, plugin fetch and verification, running, reporting.
-//! - [`fetch`]: plugin blobs over MQTT in chunks.
 //! - [`identity`]: the agent's own keys, and enrollment.
-//! - [`outbox`]: results on disk until the control plane acknowledges them.
-//! - [`state`]: trusted key set, replay and rollback protection, kept on disk.
-//! - [`runtime`]: the wasmtime sandbox, compiled-plugin cache and limits.
-//! - [`capped`]: capped stdout/stderr for plugins.
-//! - [`exec`]: granted programs for the `process` import, killed with their job.
-//! - [`net`]: the socket check for granted `host:port` addresses.
+//! - [`jobs`]: admission of job envelopes, and the one run path (for envelopes and
+//!   local runs alike): plugin install and fetch, the sandboxed run, results, recovery.
+//! - [`sandbox`]: wasmtime: the engine, compiled-plugin cache, limits, the plugin
+//!   worlds (0.2.0, and 0.1.0 for older plugins) and the host interfaces.
+//! - [`durable`]: the outbox, and the state that keeps the agent safe across restarts.
 //! - [`facts`]: host facts from `sysinfo`.
-pub mod agent;
-pub mod capped;
 pub mod config;
-pub mod exec;
-pub mod executor;
+pub mod daemon;
+pub mod durable;
 pub mod facts;
-pub mod fetch;
 pub mod identity;
-pub mod net;
-pub mod outbox;
-pub mod runtime;
-pub mod state;
+pub mod jobs;
+pub mod sandbox;
 
-pub use agent::run;
 pub use config::Config;
+pub use daemon::run;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Parser;
 use drover_agent::config::{Config, Overrides};
+use drover_agent::identity::EnrollSettings;
 use tokio_util::sync::CancellationToken;
 
 /// The Drover agent: runs signed WebAssembly plugins received over MQTT.
@@ -29,9 +30,9 @@ struct Args {
     /// A tag KEY=VALUE to announce; repeatable; added to the file's tags.
     #[arg(long = "tag", value_parser = parse_tag)]
     tags: Vec<(String, String)>,
-    /// Log format.
-    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
-    log_format: String,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    log_format: drover_protocol::telemetry::Format,
     /// Enroll instead of running.
     #[command(subcommand)]
     command: Option<Command>,
@@ -66,20 +67,7 @@ fn parse_tag(s: &str) -> Result<(String, String), String> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    if args.log_format == "json" {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init();
-    } else {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init();
-    }
+    drover_protocol::telemetry::init("info", args.log_format);
     let config = Config::load(
         args.config.as_deref(),
         Overrides {
@@ -96,21 +84,12 @@ fn main() -> anyhow::Result<()> {
         code,
     }) = &args.command
     {
-        std::fs::create_dir_all(&config.data_dir)?;
-        let identity = drover_agent::identity::Identity::load_or_create(&config.data_dir)?;
-        let settings = drover_agent::identity::EnrollSettings {
+        let settings = EnrollSettings {
             server: server.clone(),
             activation_id: activation_id.clone(),
             code: code.clone(),
         };
-        let hostname = drover_agent::facts::HostFacts::gather().hostname;
-        let e = drover_agent::identity::enroll(
-            &config.data_dir,
-            &settings,
-            Some(&config.id),
-            &identity,
-            &hostname,
-        )?;
+        let e = drover_agent::identity::enroll_here(&config.data_dir, &config.id, &settings)?;
         println!(
             "enrolled as {} (broker {}, {} root key(s)); start with: drover-agent --id {} --data-dir {}",
             e.agent_id,

@@ -212,6 +212,7 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             kind: FailureKind::Timeout,
             message: "deadline passed".into(),
             retryable: true,
+            plugin_error: None,
         }),
         output: Some(serde_json::json!({"ok": false})),
         stdout: Captured {

@@ -280,7 +280,11 @@ pub fn spawn(
         client: client.clone(),
         connected: connected.clone(),
     };
-    let task = tokio::spawn(run(eventloop, client, opts, tx, connected, shutdown));
+    // In the caller's span: its log lines say whose connection it is (a simulated fleet
+    // runs many in one process).
+    let task = tokio::spawn(tracing::Instrument::in_current_span(run(
+        eventloop, client, opts, tx, connected, shutdown,
+    )));
     Ok((handle, rx, task))
 }
 
@@ -323,7 +327,7 @@ async fn run(
                 let subs = opts.subscriptions.clone();
                 let unsubs = opts.unsubscriptions.clone();
                 let pubs = opts.on_connect.clone();
-                tokio::spawn(async move {
+                tokio::spawn(tracing::Instrument::in_current_span(async move {
                     if !subs.is_empty() {
                         let filters = subs
                             .iter()
@@ -345,7 +349,7 @@ async fn run(
                             tracing::warn!(topic = %p.topic, error = %e, "publish failed");
                         }
                     }
-                });
+                }));
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let topic = p.topic;

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::signed::Signable;
 
 /// The WIT world a plugin implements (see `wit/worlds.wit`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum World {

@@ -2,7 +2,7 @@
 //!
 //! Each simulated agent is the real thing: its own keys and data directory, its own
 //! enrollment through the server's HTTP endpoint, its own MQTT connection, key set,
-//! replay log and outbox, and [`drover_agent::agent::run_with`] unchanged. What they
+//! replay log and outbox, and [`drover_agent::daemon::run_with`] unchanged. What they
 //! share is what [`Shared`] holds: the wasmtime engine (one epoch ticker), the compiled
 //! plugins in memory and on disk, and host facts. One consequence: once one agent has
 //! loaded a plugin, the others find it in the shared runtime and skip fetching the blob,
@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use drover_agent::agent::{Shared, run_with};
 use drover_agent::config::{Config, ConfigFile, Overrides, PolicyFile};
+use drover_agent::daemon::{Shared, run_with};
 use drover_agent::identity::{self, EnrollSettings, Enrollment, Identity};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

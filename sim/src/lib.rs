@@ -1,9 +1,9 @@
 //! A simulated Drover fleet and the benchmark program's building blocks.
 //!
 //! - [`fleet`]: N real agents in one process, each with its own MQTT connection, data
-//!   directory and keys, all sharing one wasm engine ([`drover_agent::agent::Shared`]).
+//!   directory and keys, all sharing one wasm engine ([`drover_agent::daemon::Shared`]).
 //!   They enroll through the server's real HTTP endpoint and run
-//!   [`drover_agent::agent::run_with`] unchanged.
+//!   [`drover_agent::daemon::run_with`] unchanged.
 //! - [`api`]: a small blocking client for the server's HTTP API.
 //! - [`procfs`]: resident memory and CPU time from `/proc`, and `RLIMIT_NOFILE`.
 //! - [`report`]: the benchmark's table and JSON.

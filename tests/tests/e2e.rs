@@ -5,6 +5,7 @@ mod attacks;
 mod broker_acl;
 mod capabilities;
 mod commands;
+mod compat;
 mod faults;
 mod openapi;
 mod support;

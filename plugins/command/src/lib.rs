@@ -1,5 +1,5 @@
-//! Run Command: a `task` plugin that runs a shell script or a command on the host
-//! through the agent's `process` import, and returns its exit code and output.
+//! Run Command: a `command-runner` plugin that runs a shell script or a command on the
+//! host through the agent's `process` import, and returns its exit code and output.
 //!
 //! # Capabilities
 //!
@@ -8,58 +8,48 @@
 //! `run_as`. Capabilities are given when the component is signed:
 //!
 //! ```text
-//! drover plugin sign command.wasm --name command --version 1 --world task --exec '*'
+//! drover plugin sign command.wasm --name command --version 1 --world command-runner --exec '*'
 //! drover plugin publish command.wasm
 //! ```
 //!
-//! # Input
+//! # Request
 //!
-//! A JSON object with exactly one of
+//! The WIT record `run-command.request` (`wit/run-command.wit`); the agent reads it from
+//! the job's input (`drover_protocol::worlds::command::CommandRequest`), refusing input
+//! of the wrong shape before this plugin is called. It has exactly one of
 //!
-//! | field    | type              | runs                                                    |
-//! |----------|-------------------|---------------------------------------------------------|
-//! | `script` | string            | `SHELL -c SCRIPT`                                       |
-//! | `argv`   | non-empty strings | `ARGV[0] ARGV[1..]` directly when `ARGV[0]` is a clean absolute path and no `shell` is given; otherwise `SHELL -c 'exec "$@"' sh ARGV...`: the shell finds the program in `PATH` and passes the arguments through untouched |
+//! | field    | runs                                                    |
+//! |----------|---------------------------------------------------------|
+//! | `script` | `SHELL -c SCRIPT`                                       |
+//! | `argv`   | `ARGV[0] ARGV[1..]` directly when `ARGV[0]` is a clean absolute path and no `shell` is given; otherwise `SHELL -c 'exec "$@"' sh ARGV...`: the shell finds the program in `PATH` and passes the arguments through untouched |
 //!
-//! and, optionally,
-//!
-//! | field    | type (default)           | meaning                                                 |
-//! |----------|--------------------------|---------------------------------------------------------|
-//! | `shell`  | string (`"/bin/sh"`)     | the shell's absolute path                               |
-//! | `cwd`    | string (`/`)             | the working directory: an existing absolute path       |
-//! | `env`    | object of strings (`{}`) | environment variables; `PATH` is [`DEFAULT_PATH`] unless set here |
-//! | `run_as` | string (the agent's user)| the user to run as                                      |
-//! | `stream` | bool (`true`)            | whether the agent forwards the output live while it runs |
-//!
-//! Other fields are refused, so a misspelt one is not silently ignored.
+//! and, optionally, `shell` (the shell's absolute path, `/bin/sh`), `cwd` (an existing
+//! absolute path, `/`), `env` (variables added; `PATH` is [`DEFAULT_PATH`] unless set
+//! here), `run-as` (the user to run as) and `stream-output` (whether the agent forwards
+//! the output live while it runs). A request this plugin cannot run (both or neither of
+//! `argv` and `script`, an empty script or program, a relative shell) is an
+//! `invalid-input` error.
 //!
 //! # Output
 //!
-//! ```json
-//! {"exit_code": 0,
-//!  "stdout": {"text": "...", "total_bytes": 12, "truncated": false},
-//!  "stderr": {"text": "", "total_bytes": 0, "truncated": false}}
-//! ```
-//!
-//! `text` is what the agent kept of the stream (up to the job's output limit), as UTF-8
-//! with invalid sequences replaced; `total_bytes` is how much the program wrote in all.
-//! `exit_code` is `-1` when a signal ended the program, and `127` when the shell found
+//! The WIT record `run-command.output`: the exit code, and each stream's `text` (what
+//! the agent kept, up to the job's output limit, as UTF-8 with invalid sequences
+//! replaced), `total-bytes` (how much the program wrote in all) and `truncated`.
+//! `exit-code` is `-1` when a signal ended the program, and `127` when the shell found
 //! no such program (an absolute `argv[0]` that cannot be started is an error that says
-//! why). A program that ran and failed is a result, not an error: errors are
-//! for a command that could not run (bad input, not granted, could not start) and pass on
-//! the agent's message. There is no timeout of its own: the job's deadline stops the
-//! command and everything it started.
+//! why). A program that ran and failed is a result, not an error: errors are for a
+//! command that could not run (bad input, not granted, could not start) and pass on the
+//! agent's. There is no timeout of its own: the job's deadline stops the command and
+//! everything it started.
 //!
 //! The logic is plain Rust here, tested on the host with
 //! `cargo test --target x86_64-unknown-linux-gnu`; the component glue is compiled only
 //! for wasm32.
 
-use serde_json::{Map, Value, json};
-
 #[cfg(target_arch = "wasm32")]
 mod component;
 
-/// The shell used unless the input names another.
+/// The shell used unless the request names another.
 pub const DEFAULT_SHELL: &str = "/bin/sh";
 
 /// `PATH` for the command unless its `env` sets one: the usual directories of a root
@@ -70,15 +60,31 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 /// the arguments exactly as given, without any quoting or splitting.
 pub const EXEC_ARGV: &str = "exec \"$@\"";
 
-/// Input fields this plugin understands.
-const FIELDS: [&str; 7] = ["argv", "script", "shell", "cwd", "env", "run_as", "stream"];
-
-/// A command, read from the input, in the shape of the `process` import's request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What the operator asked to run: the WIT record `run-command.request`, field for field.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Request {
+    /// The program and its arguments; empty when `script` is given.
+    pub argv: Vec<String>,
+    /// A shell script.
+    pub script: Option<String>,
     /// The shell's absolute path.
+    pub shell: Option<String>,
+    /// The working directory.
+    pub cwd: Option<String>,
+    /// Environment variables added, in order.
+    pub env: Vec<(String, String)>,
+    /// The user to run as.
+    pub run_as: Option<String>,
+    /// Whether to forward output live.
+    pub stream_output: bool,
+}
+
+/// A command in the shape of the `process` import's request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The program's absolute path: the shell, or `argv[0]` run directly.
     pub program: String,
-    /// The shell's arguments.
+    /// Its arguments.
     pub args: Vec<String>,
     /// The working directory; `None` is the agent's default, `/`.
     pub working_dir: Option<String>,
@@ -90,39 +96,36 @@ pub struct Request {
     pub stream: bool,
 }
 
-/// Reads the job's input.
-pub fn parse(input: &str) -> Result<Request, String> {
-    let value: Value =
-        serde_json::from_str(input).map_err(|e| format!("input is not valid JSON: {e}"))?;
-    let Some(fields) = value.as_object() else {
-        return Err("input must be a JSON object with \"script\" or \"argv\"".to_owned());
-    };
-    if let Some(unknown) = fields.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-        return Err(format!(
-            "input field {unknown:?} is unknown; expected {}",
-            FIELDS.join(", ")
-        ));
-    }
-    let shell = optional_string(fields, "shell")?;
-    let mut program = shell.unwrap_or(DEFAULT_SHELL).to_owned();
+/// What to run for `request`, or why it cannot run (an `invalid-input` error).
+pub fn plan(request: Request) -> Result<Plan, String> {
+    let Request {
+        argv,
+        script,
+        shell,
+        cwd,
+        mut env,
+        run_as,
+        stream_output,
+    } = request;
+    let mut program = shell.clone().unwrap_or_else(|| DEFAULT_SHELL.to_owned());
     if !program.starts_with('/') {
         return Err(format!(
             "\"shell\" must be an absolute path, not {program:?}"
         ));
     }
-    let args = match (fields.get("script"), fields.get("argv")) {
-        (Some(_), Some(_)) => {
-            return Err("input has both \"script\" and \"argv\"; give one".to_owned());
+    let args = match (script, argv.is_empty()) {
+        (Some(_), false) => {
+            return Err("request has both \"script\" and \"argv\"; give one".to_owned());
         }
-        (None, None) => return Err("input has neither \"script\" nor \"argv\"".to_owned()),
-        (Some(script), None) => match script.as_str() {
-            Some(s) if !s.trim().is_empty() => vec!["-c".to_owned(), s.to_owned()],
-            Some(_) => return Err("\"script\" is empty".to_owned()),
-            None => return Err("\"script\" must be a string".to_owned()),
-        },
-        (None, Some(argv)) => {
-            let argv = strings(argv).ok_or("\"argv\" must be a list of strings")?;
-            if argv.first().is_none_or(|p| p.is_empty()) {
+        (None, true) => return Err("request has neither \"script\" nor \"argv\"".to_owned()),
+        (Some(script), true) => {
+            if script.trim().is_empty() {
+                return Err("\"script\" is empty".to_owned());
+            }
+            vec!["-c".to_owned(), script]
+        }
+        (None, false) => {
+            if argv[0].is_empty() {
                 return Err("\"argv\" must start with a program name or path".to_owned());
             }
             if shell.is_none() && is_clean_absolute(&argv[0]) {
@@ -137,32 +140,16 @@ pub fn parse(input: &str) -> Result<Request, String> {
             }
         }
     };
-    let mut env = match fields.get("env") {
-        None => Vec::new(),
-        Some(Value::Object(vars)) => vars
-            .iter()
-            .map(|(k, v)| match v {
-                Value::String(v) => Ok((k.clone(), v.clone())),
-                _ => Err(format!("\"env\" value of {k:?} must be a string")),
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-        Some(_) => return Err("\"env\" must be an object of strings".to_owned()),
-    };
     if !env.iter().any(|(k, _)| k == "PATH") {
         env.insert(0, ("PATH".to_owned(), DEFAULT_PATH.to_owned()));
     }
-    let stream = match fields.get("stream") {
-        None => true,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err("\"stream\" must be true or false".to_owned()),
-    };
-    Ok(Request {
+    Ok(Plan {
         program,
         args,
-        working_dir: optional_string(fields, "cwd")?.map(str::to_owned),
+        working_dir: cwd,
         env,
-        run_as: optional_string(fields, "run_as")?.map(str::to_owned),
-        stream,
+        run_as,
+        stream: stream_output,
     })
 }
 
@@ -176,53 +163,26 @@ fn is_clean_absolute(path: &str) -> bool {
         })
 }
 
-/// One output stream of a finished command.
-#[derive(Debug, Clone, Copy)]
-pub struct Stream<'a> {
-    /// What the agent kept.
-    pub kept: &'a [u8],
+/// One output stream of a finished command: the WIT record `run-command.captured`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Captured {
+    /// What the agent kept, as UTF-8 (invalid sequences replaced).
+    pub text: String,
     /// How many bytes the program wrote in all.
     pub total_bytes: u64,
-    /// Whether `kept` is shorter than that.
+    /// Whether `text` is shorter than that.
     pub truncated: bool,
 }
 
-impl Stream<'_> {
-    fn to_json(self) -> Value {
-        json!({
-            "text": String::from_utf8_lossy(self.kept),
-            "total_bytes": self.total_bytes,
-            "truncated": self.truncated,
-        })
+impl Captured {
+    /// A stream of which the agent kept `kept`, of `total_bytes` written.
+    pub fn new(kept: &[u8], total_bytes: u64, truncated: bool) -> Captured {
+        Captured {
+            text: String::from_utf8_lossy(kept).into_owned(),
+            total_bytes,
+            truncated,
+        }
     }
-}
-
-/// The task's result for a command that ran.
-pub fn output(exit_code: i32, stdout: Stream<'_>, stderr: Stream<'_>) -> String {
-    json!({
-        "exit_code": exit_code,
-        "stdout": stdout.to_json(),
-        "stderr": stderr.to_json(),
-    })
-    .to_string()
-}
-
-fn optional_string<'a>(
-    fields: &'a Map<String, Value>,
-    name: &str,
-) -> Result<Option<&'a str>, String> {
-    match fields.get(name) {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(format!("\"{name}\" must be a string")),
-    }
-}
-
-fn strings(v: &Value) -> Option<Vec<String>> {
-    v.as_array()?
-        .iter()
-        .map(|s| s.as_str().map(str::to_owned))
-        .collect()
 }
 
 #[cfg(test)]
@@ -233,12 +193,28 @@ mod tests {
         ("PATH".to_owned(), DEFAULT_PATH.to_owned())
     }
 
+    fn script(s: &str) -> Request {
+        Request {
+            script: Some(s.into()),
+            stream_output: true,
+            ..Request::default()
+        }
+    }
+
+    fn argv(a: &[&str]) -> Request {
+        Request {
+            argv: a.iter().map(|s| s.to_string()).collect(),
+            stream_output: true,
+            ..Request::default()
+        }
+    }
+
     #[test]
     fn a_script_runs_in_the_shell_with_defaults() {
-        let r = parse(r#"{"script": "echo hi; ls"}"#).unwrap();
+        let p = plan(script("echo hi; ls")).unwrap();
         assert_eq!(
-            r,
-            Request {
+            p,
+            Plan {
                 program: "/bin/sh".into(),
                 args: vec!["-c".into(), "echo hi; ls".into()],
                 working_dir: None,
@@ -251,129 +227,107 @@ mod tests {
 
     #[test]
     fn argv_goes_through_exec_untouched() {
-        let r = parse(
-            r#"{"argv": ["ls", "-l", "a b", "$HOME", "*"], "shell": "/bin/bash",
-                "cwd": "/tmp", "env": {"B": "2", "A": "1"}, "run_as": "nobody",
-                "stream": false}"#,
-        )
+        let p = plan(Request {
+            shell: Some("/bin/bash".into()),
+            cwd: Some("/tmp".into()),
+            env: vec![("A".into(), "1".into()), ("B".into(), "2".into())],
+            run_as: Some("nobody".into()),
+            stream_output: false,
+            ..argv(&["ls", "-l", "a b", "$HOME", "*"])
+        })
         .unwrap();
-        assert_eq!(r.program, "/bin/bash");
+        assert_eq!(p.program, "/bin/bash");
         assert_eq!(
-            r.args,
+            p.args,
             ["-c", EXEC_ARGV, "sh", "ls", "-l", "a b", "$HOME", "*"]
         );
-        assert_eq!(r.working_dir.as_deref(), Some("/tmp"));
+        assert_eq!(p.working_dir.as_deref(), Some("/tmp"));
         assert_eq!(
-            r.env,
+            p.env,
             vec![path(), ("A".into(), "1".into()), ("B".into(), "2".into())]
         );
-        assert_eq!(r.run_as.as_deref(), Some("nobody"));
-        assert!(!r.stream);
+        assert_eq!(p.run_as.as_deref(), Some("nobody"));
+        assert!(!p.stream);
     }
 
     #[test]
     fn an_absolute_program_runs_without_a_shell() {
-        let r = parse(r#"{"argv": ["/bin/echo", "a b", "$HOME"]}"#).unwrap();
-        assert_eq!(r.program, "/bin/echo");
-        assert_eq!(r.args, ["a b", "$HOME"]);
+        let p = plan(argv(&["/bin/echo", "a b", "$HOME"])).unwrap();
+        assert_eq!(p.program, "/bin/echo");
+        assert_eq!(p.args, ["a b", "$HOME"]);
         // A path the agent would have to resolve, or a shell asked for, keeps the shell.
-        for input in [
-            r#"{"argv": ["/bin/../bin/echo", "x"]}"#,
-            r#"{"argv": ["/bin//echo", "x"]}"#,
-            r#"{"argv": ["/bin/echo/", "x"]}"#,
-            r#"{"argv": ["/bin/echo", "x"], "shell": "/bin/sh"}"#,
+        for request in [
+            argv(&["/bin/../bin/echo", "x"]),
+            argv(&["/bin//echo", "x"]),
+            argv(&["/bin/echo/", "x"]),
+            Request {
+                shell: Some("/bin/sh".into()),
+                ..argv(&["/bin/echo", "x"])
+            },
         ] {
-            let r = parse(input).unwrap();
-            assert_eq!(r.program, "/bin/sh", "{input}");
-            assert_eq!(&r.args[..3], ["-c", EXEC_ARGV, "sh"], "{input}");
+            let p = plan(request.clone()).unwrap();
+            assert_eq!(p.program, "/bin/sh", "{request:?}");
+            assert_eq!(&p.args[..3], ["-c", EXEC_ARGV, "sh"], "{request:?}");
         }
     }
 
     #[test]
     fn a_path_in_env_replaces_the_default() {
-        let r = parse(r#"{"script": "x", "env": {"PATH": "/opt/bin"}}"#).unwrap();
-        assert_eq!(r.env, vec![("PATH".into(), "/opt/bin".into())]);
+        let p = plan(Request {
+            env: vec![("PATH".into(), "/opt/bin".into())],
+            ..script("x")
+        })
+        .unwrap();
+        assert_eq!(p.env, vec![("PATH".into(), "/opt/bin".into())]);
     }
 
     /// The argv script really passes arguments through: run it with the host's shell.
     #[test]
     #[cfg(unix)]
     fn the_argv_script_preserves_arguments() {
-        let r = parse(r#"{"argv": ["printf", "[%s]", "a b", "$HOME", "*", "'\""]}"#).unwrap();
-        let out = std::process::Command::new(&r.program)
-            .args(&r.args)
+        let p = plan(argv(&["printf", "[%s]", "a b", "$HOME", "*", "'\""])).unwrap();
+        let out = std::process::Command::new(&p.program)
+            .args(&p.args)
             .output()
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "[a b][$HOME][*]['\"]");
     }
 
     #[test]
-    fn bad_input_is_refused_with_a_reason() {
-        for (input, why) in [
-            ("not json", "not valid JSON"),
-            ("[1]", "must be a JSON object"),
-            ("{}", "neither"),
-            (r#"{"script": "a", "argv": ["b"]}"#, "both"),
-            (r#"{"script": 1}"#, "\"script\" must be a string"),
-            (r#"{"script": "  "}"#, "\"script\" is empty"),
-            (r#"{"argv": "ls -l"}"#, "\"argv\" must be a list of strings"),
+    fn requests_that_cannot_run_are_refused_with_a_reason() {
+        for (request, why) in [
+            (Request::default(), "neither"),
             (
-                r#"{"argv": ["ls", 1]}"#,
-                "\"argv\" must be a list of strings",
+                Request {
+                    script: Some("a".into()),
+                    ..argv(&["b"])
+                },
+                "both",
             ),
-            (r#"{"argv": []}"#, "must start with a program"),
-            (r#"{"argv": [""]}"#, "must start with a program"),
+            (script("  "), "\"script\" is empty"),
+            (argv(&[""]), "must start with a program"),
             (
-                r#"{"script": "x", "shell": "sh"}"#,
+                Request {
+                    shell: Some("sh".into()),
+                    ..script("x")
+                },
                 "must be an absolute path",
             ),
-            (
-                r#"{"script": "x", "env": ["A=1"]}"#,
-                "\"env\" must be an object",
-            ),
-            (
-                r#"{"script": "x", "env": {"A": 1}}"#,
-                "\"env\" value of \"A\"",
-            ),
-            (r#"{"script": "x", "cwd": 1}"#, "\"cwd\" must be a string"),
-            (
-                r#"{"script": "x", "run_as": 0}"#,
-                "\"run_as\" must be a string",
-            ),
-            (
-                r#"{"script": "x", "stream": "yes"}"#,
-                "\"stream\" must be true or false",
-            ),
-            (r#"{"script": "x", "timeout": 5}"#, "\"timeout\" is unknown"),
         ] {
-            let err = parse(input).unwrap_err();
-            assert!(err.contains(why), "{input}: {err}");
+            let err = plan(request.clone()).unwrap_err();
+            assert!(err.contains(why), "{request:?}: {err}");
         }
     }
 
     #[test]
     fn output_reports_text_totals_and_cuts() {
-        let out = output(
-            3,
-            Stream {
-                kept: b"hello \xff",
+        assert_eq!(
+            Captured::new(b"hello \xff", 5000, true),
+            Captured {
+                text: "hello \u{fffd}".into(),
                 total_bytes: 5000,
                 truncated: true,
-            },
-            Stream {
-                kept: b"",
-                total_bytes: 0,
-                truncated: false,
-            },
-        );
-        let v: Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(
-            v,
-            json!({
-                "exit_code": 3,
-                "stdout": {"text": "hello \u{fffd}", "total_bytes": 5000, "truncated": true},
-                "stderr": {"text": "", "total_bytes": 0, "truncated": false},
-            })
+            }
         );
     }
 }

@@ -1,4 +1,4 @@
-//! The `task` world's glue: bindings for ../../wit, and `run`, which reads the input and
+//! The `task` world's glue: bindings for ../../wit (`drover:plugin@0.2.0`), and `run`, which reads the input and
 //! dispatches to [`crate::modes`].
 
 use std::time::Duration;
@@ -21,14 +21,9 @@ struct Misbehave;
 impl Guest for Misbehave {
     fn run(input: String) -> Result<String, PluginError> {
         run(&input).map_err(|failure| match failure {
-            Failure::Asked => PluginError {
-                message: "asked to fail".to_owned(),
-                retryable: true,
-            },
-            Failure::Input(message) => PluginError {
-                message,
-                retryable: false,
-            },
+            Failure::Asked => PluginError::Unavailable("asked to fail".to_owned()),
+            Failure::Input(message) => PluginError::InvalidInput(message),
+            Failure::Failed(message) => PluginError::Failed(message),
             Failure::Host(e) => e,
         })
     }
@@ -39,8 +34,10 @@ export!(Misbehave);
 enum Failure {
     /// Mode `fail`: a retryable error.
     Asked,
-    /// Bad input, or an operation that failed: not retryable.
+    /// Bad input: a mode or parameter it does not know.
     Input(String),
+    /// An operation that failed: opening a file, connecting.
+    Failed(String),
     /// An error a host import returned, passed through unchanged.
     Host(PluginError),
 }
@@ -78,7 +75,8 @@ fn run(input: &str) -> Result<String, Failure> {
         "grow" => json!({ "allocated_mib": modes::grow(modes::count(args, "mib", 4096)?) }),
         "open" => {
             let path = modes::string(args, "path", "/etc/hostname")?;
-            let bytes = std::fs::read(path).map_err(|e| format!("could not open {path}: {e}"))?;
+            let bytes = std::fs::read(path)
+                .map_err(|e| Failure::Failed(format!("could not open {path}: {e}")))?;
             json!({ "read_bytes": bytes.len() })
         }
         "spew" => {
@@ -120,7 +118,7 @@ fn run(input: &str) -> Result<String, Failure> {
                 run_as: None,
                 stream_output: false,
             };
-            // The host's error goes back as it is, retryable flag and all.
+            // The host's error goes back as it is, case and all.
             let out = process::run(&request).map_err(Failure::Host)?;
             json!({
                 "exit_code": out.exit_code,
@@ -131,7 +129,8 @@ fn run(input: &str) -> Result<String, Failure> {
             })
         }
         "connect" => {
-            modes::connect(modes::string(args, "addr", "127.0.0.1:80")?)?;
+            modes::connect(modes::string(args, "addr", "127.0.0.1:80")?)
+                .map_err(Failure::Failed)?;
             json!({ "connected": true })
         }
         "param" => {

@@ -18,10 +18,11 @@
 //! | `connect`| `addr` ("127.0.0.1:80")         | opens a TCP connection: `{"connected": true}` or an error |
 //! | `param`  | `name` ("x")                    | `parameters.get(name)`: `{"value": <string or null>}` |
 //! | `param_digest` | `name` ("x")              | `{"len", "sha256"}` of the parameter, never its value |
-//! | `fail`   |                                 | a retryable error                                  |
+//! | `fail`   |                                 | a retryable error: `unavailable("asked to fail")`  |
 //! | `trap`   |                                 | panics; with `panic = "abort"` that is a trap      |
 //!
-//! Anything else, or input that is not a JSON object, is a non-retryable error.
+//! Anything else, or input that is not a JSON object, is an `invalid-input` error; a file
+//! or connection that fails is `failed`; a host import's error is passed through.
 
 //! The behaviours are plain Rust in [`modes`], tested on the host with
 //! `cargo test --target x86_64-unknown-linux-gnu`; the component glue that reads the

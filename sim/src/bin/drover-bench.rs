@@ -114,12 +114,10 @@ const MIB: f64 = (1 << 20) as f64;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,drover_protocol::link=error"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    drover_protocol::telemetry::init(
+        "warn,drover_protocol::link=error",
+        drover_protocol::telemetry::Format::Text,
+    );
     let mut bench = Bench::new(args)?;
     let outcome = bench.run();
     if let Err(e) = &outcome {
@@ -705,7 +703,14 @@ impl Bench {
             } else if let Err(e) = probe.config("sim-probe") {
                 Some(Err(format!("agents cannot allow exec \"*\": {e:#}")))
             } else {
-                server.publish(&wasm, plugins, "command", 1, "task", &["--exec", "*"])?;
+                server.publish(
+                    &wasm,
+                    plugins,
+                    "command",
+                    1,
+                    "command-runner",
+                    &["--exec", "*"],
+                )?;
                 opts.policy_exec = vec!["*".into()];
                 Some(Ok(()))
             };

@@ -72,12 +72,10 @@ fn parse_tag(s: &str) -> Result<(String, String), String> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,drover_sim=info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    drover_protocol::telemetry::init(
+        "warn,drover_sim=info",
+        drover_protocol::telemetry::Format::Text,
+    );
 
     let need = procfs::files_needed(args.count);
     let limit = procfs::raise_nofile(need)?;

@@ -13,7 +13,7 @@ fn publish_command(server: &Server) {
         &plugin("drover-plugin-command"),
         "command",
         1,
-        "task",
+        "command-runner",
         &["--exec", "*"],
         None,
     );

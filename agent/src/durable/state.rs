@@ -17,12 +17,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::Context as _;
+use drover_protocol::durable;
 use drover_protocol::keys::PublicKey;
 use drover_protocol::keyset::{KeySet, KeySetError};
 use drover_protocol::signed::Signed;
 use serde::{Deserialize, Serialize};
-
-use crate::runtime::write_atomic;
 
 /// Lines of expired entries the accepted-envelope log may carry beyond twice the live
 /// ones before it is rewritten.
@@ -80,6 +79,12 @@ impl State {
         now_ms: u64,
     ) -> anyhow::Result<State> {
         std::fs::create_dir_all(dir)?;
+        for e in std::fs::read_dir(dir)?.flatten() {
+            // A replacement a crash cut short: the file it was to replace is intact.
+            if durable::is_temp(&e.file_name().to_string_lossy()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         let stored = trust_path(dir);
         let keyset = if stored.exists() {
             let signed: Signed<KeySet> = serde_json::from_slice(&std::fs::read(&stored)?)
@@ -100,7 +105,7 @@ impl State {
             let ks = KeySet::verify_initial(&signed, roots, root_threshold).with_context(|| {
                 format!("{} does not verify against trust.roots", path.display())
             })?;
-            write_atomic(&stored, &serde_json::to_vec(&signed)?)?;
+            durable::replace(&stored, &serde_json::to_vec(&signed)?)?;
             ks
         };
 
@@ -119,7 +124,7 @@ impl State {
                 }
             }
         }
-        write_atomic(&log_path, seen_log_text(&seen).as_bytes())?;
+        durable::replace(&log_path, seen_log_text(&seen).as_bytes())?;
         let seen_log_lines = seen.len();
 
         let hw_path = dir.join("plugin-versions.json");
@@ -160,7 +165,7 @@ impl State {
         }
         let next = inner.keyset.verify_successor(signed)?;
         let bytes = serde_json::to_vec(signed).expect("key sets serialise");
-        write_atomic(&trust_path(&self.dir), &bytes)
+        durable::replace(&trust_path(&self.dir), &bytes)
             .map_err(|e| KeySetError::Invalid(format!("cannot store the key set: {e}")))?;
         inner.keyset = next;
         Ok(true)
@@ -194,9 +199,8 @@ impl State {
             // Mostly expired entries: rewrite it with the live ones and this one.
             let mut all = seen_log_text(&inner.seen);
             all.push_str(&line);
-            // The directory is synced too: the new line must not vanish with the rename.
-            write_atomic(&inner.seen_log, all.as_bytes())
-                .and_then(|()| File::open(&self.dir)?.sync_all())
+            // Flushed with its directory: the new line must not vanish with the rename.
+            durable::replace(&inner.seen_log, all.as_bytes())
                 .map_err(|e| EnvelopeRefusal::Unrecordable(e.to_string()))?;
             inner.seen_log_lines = inner.seen.len() + 1;
         } else {
@@ -263,7 +267,7 @@ impl State {
             },
         );
         let bytes = serde_json::to_vec_pretty(&inner.high_water)?;
-        write_atomic(&self.dir.join("plugin-versions.json"), &bytes)?;
+        durable::replace(&self.dir.join("plugin-versions.json"), &bytes)?;
         Ok(())
     }
 }

@@ -94,19 +94,40 @@ pub struct ProgramOutput {
 /// Why a program did not run to the end, for the plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecError {
+    /// Which kind of reason: it becomes a case of the WIT `plugin-error`.
+    pub kind: ExecErrorKind,
     /// One sentence.
     pub message: String,
-    /// Whether trying again unchanged could help.
-    pub retryable: bool,
+}
+
+/// The kinds of [`ExecError`], named after the cases of the WIT `plugin-error` they
+/// become (`wit/process.wit` documents which is which).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecErrorKind {
+    /// Not granted by the manifest, or not allowed by the agent's policy: a program, a
+    /// run-as user, or switching users at all.
+    Denied,
+    /// The request cannot be carried out as written: a working directory or an
+    /// environment variable that cannot be used, a user this host does not have.
+    InvalidInput,
+    /// The host could not do it now: the program could not be started or waited for,
+    /// the user database could not be read.
+    Unavailable,
+    /// The program was stopped at its timeout.
+    TimedOut,
 }
 
 impl ExecError {
-    /// An error that trying again unchanged cannot fix.
-    fn permanent(message: String) -> ExecError {
-        ExecError {
-            message,
-            retryable: false,
-        }
+    fn new(kind: ExecErrorKind, message: String) -> ExecError {
+        ExecError { kind, message }
+    }
+
+    fn denied(message: String) -> ExecError {
+        ExecError::new(ExecErrorKind::Denied, message)
+    }
+
+    fn invalid(message: String) -> ExecError {
+        ExecError::new(ExecErrorKind::InvalidInput, message)
     }
 }
 
@@ -226,11 +247,11 @@ pub fn check_granted(granted: &[String], program: &str) -> Result<(), ExecError>
     if is_clean_absolute(program) && (any || granted.iter().any(|p| p == program)) {
         Ok(())
     } else if any {
-        Err(ExecError::permanent(format!(
+        Err(ExecError::denied(format!(
             "program {program:?} is not an absolute path without '.', '..' or '//', which is all a grant of any program allows"
         )))
     } else {
-        Err(ExecError::permanent(format!(
+        Err(ExecError::denied(format!(
             "program {program} is not granted"
         )))
     }
@@ -241,12 +262,12 @@ pub fn check_granted(granted: &[String], program: &str) -> Result<(), ExecError>
 pub fn check_env(env: &[(String, String)]) -> Result<(), ExecError> {
     for (name, value) in env {
         if name.is_empty() || name.contains(['=', '\0']) {
-            return Err(ExecError::permanent(format!(
+            return Err(ExecError::invalid(format!(
                 "environment variable name {name:?} is invalid: it must be non-empty and contain no '=' or NUL"
             )));
         }
         if value.contains('\0') {
-            return Err(ExecError::permanent(format!(
+            return Err(ExecError::invalid(format!(
                 "environment variable {name} has a NUL byte in its value"
             )));
         }
@@ -263,20 +284,20 @@ pub async fn check_working_dir(dir: &str) -> Result<(), ExecError> {
         return Ok(());
     }
     if !is_clean_absolute(dir) {
-        return Err(ExecError::permanent(format!(
+        return Err(ExecError::invalid(format!(
             "working directory {dir:?} must be an absolute path without '.', '..' or '//'"
         )));
     }
     // Off the async workers: a directory on a hung network mount must not stall them.
     match tokio::fs::metadata(dir).await {
         Ok(m) if m.is_dir() => Ok(()),
-        Ok(_) => Err(ExecError::permanent(format!(
+        Ok(_) => Err(ExecError::invalid(format!(
             "working directory {dir} is not a directory"
         ))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ExecError::permanent(format!(
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ExecError::invalid(format!(
             "working directory {dir} does not exist on this host"
         ))),
-        Err(e) => Err(ExecError::permanent(format!(
+        Err(e) => Err(ExecError::invalid(format!(
             "working directory {dir} cannot be used: {e}"
         ))),
     }
@@ -286,16 +307,18 @@ pub async fn check_working_dir(dir: &str) -> Result<(), ExecError> {
 /// (Only `/etc/passwd`: users that exist only in NSS sources such as LDAP are not found.)
 pub fn run_as_user(name: &str, allowed: &[String]) -> Result<User, ExecError> {
     if !allowed.iter().any(|a| a == name) {
-        return Err(ExecError::permanent(format!(
+        return Err(ExecError::denied(format!(
             "run-as user {name} is not allowed by this agent's policy"
         )));
     }
-    let passwd = std::fs::read_to_string(PASSWD).map_err(|e| ExecError {
-        message: format!("run-as user {name} cannot be looked up: reading {PASSWD} failed: {e}"),
-        retryable: true,
+    let passwd = std::fs::read_to_string(PASSWD).map_err(|e| {
+        ExecError::new(
+            ExecErrorKind::Unavailable,
+            format!("run-as user {name} cannot be looked up: reading {PASSWD} failed: {e}"),
+        )
     })?;
     find_user(&passwd, name).ok_or_else(|| {
-        ExecError::permanent(format!(
+        ExecError::invalid(format!(
             "run-as user {name} does not exist on this host (not in {PASSWD})"
         ))
     })
@@ -327,7 +350,7 @@ fn needs_switch(euid: u32, user: &User) -> Result<bool, ExecError> {
     } else if euid == user.uid {
         Ok(false)
     } else {
-        Err(ExecError::permanent(format!(
+        Err(ExecError::denied(format!(
             "run-as user {} needs the agent to run as root, and it runs as uid {euid}",
             user.name
         )))
@@ -385,9 +408,12 @@ pub async fn run(
     cmd.envs(program.env.iter().map(|(k, v)| (k, v)));
     #[cfg(unix)]
     cmd.process_group(0);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| ExecError::permanent(format!("program {path} could not be started: {e}")))?;
+    let mut child = cmd.spawn().map_err(|e| {
+        ExecError::new(
+            ExecErrorKind::Unavailable,
+            format!("program {path} could not be started: {e}"),
+        )
+    })?;
     // Declared after `child`, so dropped before it: the group dies while the child is
     // still unreaped and its id cannot have been reused.
     let mut group = ProcessGroup(child.id());
@@ -411,13 +437,13 @@ pub async fn run(
         match tokio::time::timeout(timeout, work).await {
             Ok(done) => done,
             Err(_) => {
-                return Err(ExecError {
-                    message: format!(
+                return Err(ExecError::new(
+                    ExecErrorKind::TimedOut,
+                    format!(
                         "program {path} did not finish within {} ms and was killed",
                         timeout.as_millis()
                     ),
-                    retryable: true,
-                });
+                ));
             }
         };
     // It ended on its own: what it wrote comes back whole below, so nothing partial is
@@ -425,9 +451,11 @@ pub async fn run(
     if let Some(live) = live {
         live.partial.take();
     }
-    let status = status.map_err(|e| ExecError {
-        message: format!("waiting for program {path} failed: {e}"),
-        retryable: true,
+    let status = status.map_err(|e| {
+        ExecError::new(
+            ExecErrorKind::Unavailable,
+            format!("waiting for program {path} failed: {e}"),
+        )
     })?;
     Ok(ProgramOutput {
         exit_code: status.code().unwrap_or(-1),
@@ -538,7 +566,7 @@ mod tests {
         ] {
             let e = check_granted(&granted, p).unwrap_err();
             assert_eq!(e.message, format!("program {p} is not granted"));
-            assert!(!e.retryable);
+            assert_eq!(e.kind, ExecErrorKind::Denied);
         }
     }
 
@@ -551,7 +579,7 @@ mod tests {
         for p in ["*", "sh", "", "/", "/bin/../bin/sh", "/bin//sh", "/bin/sh/"] {
             let e = check_granted(&granted, p).unwrap_err();
             assert!(e.message.contains("not an absolute path"), "{p}: {e:?}");
-            assert!(!e.retryable);
+            assert_eq!(e.kind, ExecErrorKind::Denied);
         }
     }
 
@@ -623,7 +651,7 @@ mod tests {
                 .await
                 .unwrap_err();
             assert!(e.message.contains(why), "{dir}: {e:?}");
-            assert!(!e.retryable);
+            assert_eq!(e.kind, ExecErrorKind::InvalidInput);
         }
         for (name, value, why) in [
             ("", "x", "is invalid"),
@@ -638,7 +666,7 @@ mod tests {
                 .unwrap_err();
             assert!(e.message.contains(why), "{name:?}: {e:?}");
             assert!(!e.message.contains("s3cret"), "a value leaked: {e:?}");
-            assert!(!e.retryable);
+            assert_eq!(e.kind, ExecErrorKind::InvalidInput);
         }
     }
 
@@ -667,7 +695,7 @@ mod tests {
         .await
         .unwrap_err();
         assert!(e.message.contains("could not be started"), "{e:?}");
-        assert!(!e.retryable);
+        assert_eq!(e.kind, ExecErrorKind::Unavailable);
     }
 
     #[tokio::test]
@@ -786,9 +814,10 @@ mod tests {
             e.message,
             "run-as user nobody is not allowed by this agent's policy"
         );
-        assert!(!e.retryable);
+        assert_eq!(e.kind, ExecErrorKind::Denied);
         let e = run_as_user("no-such-user-here", &args(&["no-such-user-here"])).unwrap_err();
         assert!(e.message.contains("does not exist on this host"), "{e:?}");
+        assert_eq!(e.kind, ExecErrorKind::InvalidInput);
 
         let nobody = User {
             name: "nobody".into(),
@@ -799,6 +828,7 @@ mod tests {
         assert_eq!(needs_switch(0, &nobody), Ok(true));
         assert_eq!(needs_switch(65534, &nobody), Ok(false));
         let e = needs_switch(1000, &nobody).unwrap_err();
+        assert_eq!(e.kind, ExecErrorKind::Denied);
         assert_eq!(
             e.message,
             "run-as user nobody needs the agent to run as root, and it runs as uid 1000"
@@ -875,7 +905,7 @@ mod tests {
         let e = result.unwrap_err();
         assert!(t.elapsed() < Duration::from_secs(5));
         assert!(e.message.contains("did not finish within 1500 ms"), "{e:?}");
-        assert!(e.retryable);
+        assert_eq!(e.kind, ExecErrorKind::TimedOut);
         assert!(
             gone_soon(&["/bin/sleep", "61.25"]),
             "background child survived"

@@ -1,4 +1,6 @@
-//! The agent's main loop: connect, announce, and route what arrives.
+//! The agent's daemon: connect, announce, and route what arrives to [`Jobs`], the
+//! outbox and the state. Everything it starts runs inside its span, which carries
+//! `agent.id`: a simulated fleet runs many agents in one process.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -7,22 +9,23 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use drover_protocol::agent::{Hello, Presence};
+use drover_protocol::enroll::Heartbeat;
+use drover_protocol::job::ResultAck;
 use drover_protocol::link::{self, LinkOptions, Publication};
+use drover_protocol::signed::Signed;
 use drover_protocol::topics::{self, Down, Up};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::config::Config;
-use crate::executor::Executor;
+use crate::durable::outbox::{Limits as OutboxLimits, Outbox};
+use crate::durable::state::State;
 use crate::facts::HostFacts;
-use crate::fetch::Fetcher;
 use crate::identity::{self, Enrollment, Identity};
-use crate::outbox::{Limits as OutboxLimits, Outbox};
-use crate::runtime::Runtime;
-use crate::state::State;
-use drover_protocol::enroll::Heartbeat;
-use drover_protocol::job::ResultAck;
-use drover_protocol::signed::Signed;
+use crate::jobs::Jobs;
+use crate::jobs::fetch::Fetcher;
+use crate::sandbox::Sandbox;
 
 /// The agent's version, announced in `Hello`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -39,7 +42,7 @@ const HEARTBEAT: Duration = Duration::from_secs(30);
 async fn heartbeats(
     id: String,
     link: drover_protocol::link::LinkHandle,
-    executor: Arc<Executor>,
+    jobs: Arc<Jobs>,
     identity: Arc<Identity>,
     stop: CancellationToken,
 ) {
@@ -55,14 +58,8 @@ async fn heartbeats(
         let hb = Heartbeat {
             agent_id: id.clone(),
             at_ms: drover_protocol::now_ms(),
-            jobs_run: executor
-                .stats
-                .ran
-                .load(std::sync::atomic::Ordering::Relaxed),
-            jobs_refused: executor
-                .stats
-                .refused
-                .load(std::sync::atomic::Ordering::Relaxed),
+            jobs_run: jobs.stats.ran.load(Ordering::Relaxed),
+            jobs_refused: jobs.stats.refused.load(Ordering::Relaxed),
         };
         let body = serde_json::to_vec(&Signed::sign(&hb, &identity.signing))
             .expect("heartbeats serialise");
@@ -94,7 +91,7 @@ async fn resolve(
                 identity::enroll(&data_dir, &settings, Some(&id), &ident, &hostname)
             })
             .await??;
-            tracing::info!(agent.id = %e.agent_id, server = %c.enroll.as_ref().map(|s| s.server.as_str()).unwrap_or(""), "enrolled");
+            tracing::info!(server = %c.enroll.as_ref().map(|s| s.server.as_str()).unwrap_or(""), "enrolled");
             e
         }
     };
@@ -131,7 +128,7 @@ async fn resolve(
 #[derive(Clone)]
 pub struct Shared {
     /// The wasmtime engine, its epoch ticker and the precompiled-plugin cache.
-    pub runtime: Arc<Runtime>,
+    pub sandbox: Arc<Sandbox>,
     /// Host facts, gathered once: the hostname for enrollment and `Hello`.
     pub facts: HostFacts,
     /// Counters summed over every agent run with this `Shared`.
@@ -139,10 +136,10 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Starts a runtime whose precompiled cache is `compiled_dir`, and gathers host facts.
+    /// Starts a sandbox whose precompiled cache is `compiled_dir`, and gathers host facts.
     pub fn new(compiled_dir: &Path) -> anyhow::Result<Shared> {
         Ok(Shared {
-            runtime: Arc::new(Runtime::new(compiled_dir).context("starting the wasm runtime")?),
+            sandbox: Arc::new(Sandbox::new(compiled_dir).context("starting the wasm sandbox")?),
             facts: HostFacts::gather(),
             counters: Arc::default(),
         })
@@ -173,10 +170,15 @@ pub async fn run_with(
     shared: Shared,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let span = tracing::info_span!("agent", agent.id = %config.id);
+    serve(config, shared, shutdown).instrument(span).await
+}
+
+async fn serve(config: Config, shared: Shared, shutdown: CancellationToken) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let Shared {
-        runtime,
+        sandbox,
         facts,
         counters,
     } = shared;
@@ -254,35 +256,37 @@ pub async fn run_with(
         Outbox::open(&config.data_dir.join("outbox"), OutboxLimits::default())
             .context("opening the result outbox")?,
     );
-    let executor = Executor::new(
+    let jobs = Jobs::new(
         config.clone(),
-        runtime,
+        sandbox,
         link.clone(),
         fetcher.clone(),
         state.clone(),
         identity.clone(),
         outbox.clone(),
     )?;
-    executor.recover_interrupted().await;
+    jobs.recover_interrupted().await;
     let outbox_task = {
         let outbox = outbox.clone();
         let link = link.clone();
         let topic = topics::up(&config.id, Up::Result);
         let stop = link_shutdown.clone();
-        tokio::spawn(async move { outbox.run(link, topic, stop).await })
+        tokio::spawn(async move { outbox.run(link, topic, stop).await }.in_current_span())
     };
-    let heartbeat_task = tokio::spawn(heartbeats(
-        config.id.clone(),
-        link.clone(),
-        executor.clone(),
-        identity.clone(),
-        link_shutdown.clone(),
-    ));
+    let heartbeat_task = tokio::spawn(
+        heartbeats(
+            config.id.clone(),
+            link.clone(),
+            jobs.clone(),
+            identity.clone(),
+            link_shutdown.clone(),
+        )
+        .in_current_span(),
+    );
     let (job_tx, job_rx) = mpsc::channel(config.job_queue);
-    let exec_task = tokio::spawn(executor.clone().serve(job_rx));
+    let jobs_task = tokio::spawn(jobs.clone().serve(job_rx).in_current_span());
 
     tracing::info!(
-        agent.id = %config.id,
         broker = %broker_url,
         data_dir = %config.data_dir.display(),
         "agent started"
@@ -304,8 +308,8 @@ pub async fn run_with(
                         mpsc::error::TrySendError::Full(p)
                         | mpsc::error::TrySendError::Closed(p) => p,
                     };
-                    let ex = executor.clone();
-                    tokio::spawn(async move { ex.refuse_busy(&payload).await });
+                    let jobs = jobs.clone();
+                    tokio::spawn(async move { jobs.refuse_busy(&payload).await }.in_current_span());
                 }
             }
             Some((id, Down::Chunk)) if id == config.id => fetcher.deliver(msg.payload),
@@ -321,7 +325,9 @@ pub async fn run_with(
                     Err(e) => tracing::warn!("key set refused: {e}"),
                 }
             }
-            Some((id, Down::Cancel)) if id == config.id => executor.cancel(&msg.payload),
+            Some((id, Down::Cancel)) if id == config.id => {
+                jobs.cancel(&msg.payload, drover_protocol::now_ms())
+            }
             Some((id, Down::Ack)) if id == config.id => {
                 match serde_json::from_slice::<ResultAck>(&msg.payload) {
                     Ok(ack) => {
@@ -340,7 +346,7 @@ pub async fn run_with(
     counters.running.fetch_sub(1, Ordering::Relaxed);
     drop(job_tx);
     // Running jobs get a bounded grace period to finish and report.
-    let _ = tokio::time::timeout(Duration::from_secs(5), exec_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), jobs_task).await;
     let _ = link
         .publish(status_topic, presence(Presence::Offline), true)
         .await;

@@ -2,8 +2,9 @@
 //! the control plane acknowledges it end to end (not when the broker does).
 //!
 //! One file per result, `{seq:016}.res`, framed as `"DRO1" | len (u32 BE) | sha256 |
-//! payload` and written through a temporary file, fsync and rename, so a crash leaves
-//! either the whole file or a `.tmp` that is discarded on start. A file whose length or
+//! payload` and written with `drover_protocol::durable` (a temporary file, fsync, rename,
+//! directory fsync), so a crash leaves either the whole file or a temporary file that is
+//! discarded on start. A file whose length or
 //! checksum is wrong (a torn or damaged write) is reported, counted and moved aside.
 //! The outbox is bounded by count, bytes and age; what a bound drops is logged and
 //! counted.
@@ -14,7 +15,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use std::io::Write as _;
+
 use anyhow::Context as _;
+use drover_protocol::durable;
 use drover_protocol::link::LinkHandle;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -132,10 +136,6 @@ pub fn crash_point(_point: &str) -> bool {
     false
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
 impl Outbox {
     /// Opens the outbox in `dir`, keeping what an earlier run left.
     pub fn open(dir: &Path, limits: Limits) -> anyhow::Result<Outbox> {
@@ -146,7 +146,7 @@ impl Outbox {
         for e in std::fs::read_dir(dir)?.flatten() {
             let path = e.path();
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".tmp") {
+            if durable::is_temp(&name) {
                 // Never renamed into place: the result it held was not yet promised to
                 // anyone; the job is reported as interrupted instead.
                 tracing::warn!(file = %path.display(), "discarding an outbox write cut short by a crash");
@@ -223,29 +223,18 @@ impl Outbox {
             g.0 - 1
         };
         let path = self.path(seq);
-        let tmp = path.with_extension("tmp");
-        let write = || -> std::io::Result<()> {
-            use std::io::Write as _;
-            let mut f = std::fs::File::create(&tmp)?;
+        durable::replace_with(&path, durable::SHARED, |f| {
             if crash_point("outbox-mid-write") {
                 // Half a record on disk, then the process dies: a torn write.
                 f.write_all(&bytes[..bytes.len() / 2])?;
                 f.sync_all()?;
                 std::process::abort();
             }
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            sync_dir(&self.dir)?;
-            if crash_point("outbox-after-write") {
-                std::process::abort();
-            }
-            Ok(())
-        };
-        if let Err(e) = write() {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e)
-                .with_context(|| format!("writing result to the outbox {}", self.dir.display()));
+            f.write_all(&bytes)
+        })
+        .with_context(|| format!("writing result to the outbox {}", self.dir.display()))?;
+        if crash_point("outbox-after-write") {
+            std::process::abort();
         }
         {
             let mut g = self.entries.lock().unwrap_or_else(|e| e.into_inner());
@@ -319,6 +308,27 @@ impl Outbox {
             .len()
     }
 
+    /// The results due at `now`, oldest first: those never sent (since the last
+    /// connect), and those sent [`RESEND_AFTER`] ago or more without an acknowledgement.
+    fn due(&self, now: Instant) -> Vec<u64> {
+        let g = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        g.1.iter()
+            .filter(|(_, e)| {
+                e.last_sent
+                    .is_none_or(|t| now.saturating_duration_since(t) >= RESEND_AFTER)
+            })
+            .map(|(s, _)| *s)
+            .collect()
+    }
+
+    /// Result `seq` was published at `now`.
+    fn mark_sent(&self, seq: u64, now: Instant) {
+        let mut g = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = g.1.get_mut(&seq) {
+            e.last_sent = Some(now);
+        }
+    }
+
     /// Publishes what is due, oldest first: new results at once, unacknowledged ones
     /// again every [`RESEND_AFTER`]. Runs until `stop`.
     pub async fn run(&self, link: LinkHandle, topic: String, stop: CancellationToken) {
@@ -334,14 +344,7 @@ impl Outbox {
             }
             was_connected = connected;
             if connected {
-                let due: Vec<u64> = {
-                    let g = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-                    g.1.iter()
-                        .filter(|(_, e)| e.last_sent.is_none_or(|t| t.elapsed() >= RESEND_AFTER))
-                        .map(|(s, _)| *s)
-                        .collect()
-                };
-                for seq in due {
+                for seq in self.due(Instant::now()) {
                     let payload = match std::fs::read(self.path(seq)) {
                         Ok(b) => match unframe(&b) {
                             Ok(p) => p.to_vec(),
@@ -362,10 +365,7 @@ impl Outbox {
                     if link.publish(topic.clone(), payload, false).await.is_err() {
                         break;
                     }
-                    let mut g = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some(e) = g.1.get_mut(&seq) {
-                        e.last_sent = Some(Instant::now());
-                    }
+                    self.mark_sent(seq, Instant::now());
                 }
             }
             tokio::select! {
@@ -420,7 +420,7 @@ mod tests {
         o.push("cut", 1, &signed_result("cut", 1)).unwrap();
         drop(o);
         // A write cut short before its rename, and one cut short after a bad rename.
-        std::fs::write(d.join("0000000000000009.tmp"), b"DRO1 partial").unwrap();
+        std::fs::write(d.join("0000000000000009.res.tmp77.0"), b"DRO1 partial").unwrap();
         let cut = d.join("0000000000000001.res");
         let bytes = std::fs::read(&cut).unwrap();
         std::fs::write(&cut, &bytes[..bytes.len() - 5]).unwrap();
@@ -446,6 +446,28 @@ mod tests {
         assert_eq!(o.stats.dropped_full.load(Ordering::Relaxed), 1);
         assert!(!o.ack("a", 1), "the oldest should be the one dropped");
         assert!(o.ack("c", 1));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn unacknowledged_results_are_due_again_after_the_resend_interval() {
+        let d = dir("resend");
+        let o = Outbox::open(&d, Limits::default()).unwrap();
+        o.push("a", 1, &signed_result("a", 1)).unwrap();
+        let t = Instant::now();
+        assert_eq!(o.due(t), [0]);
+        o.mark_sent(0, t);
+        o.push("b", 1, &signed_result("b", 1)).unwrap();
+        assert_eq!(o.due(t), [1], "a new result is due at once");
+        o.mark_sent(1, t + Duration::from_secs(5));
+        assert!(
+            o.due(t + RESEND_AFTER - Duration::from_millis(1))
+                .is_empty()
+        );
+        assert_eq!(o.due(t + RESEND_AFTER), [0]);
+        assert_eq!(o.due(t + Duration::from_secs(5) + RESEND_AFTER), [0, 1]);
+        assert!(o.ack("a", 1));
+        assert_eq!(o.due(t + Duration::from_secs(60)), [1]);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
