@@ -666,3 +666,99 @@ fn deregistering_an_agent_settles_its_targets() {
     assert_eq!(t["state"], "undeliverable", "{t:#}");
     assert_eq!(t["detail"], "the agent was deregistered");
 }
+
+/// Run Command keeps what each target's command did, from the engine's durable events:
+/// `command list` and `command show` count exit codes and stopped commands without
+/// reading any output, and the record survives a server restart.
+#[test]
+fn command_list_counts_exit_codes_from_the_engines_events() {
+    let mut server = Server::start_restartable();
+    publish_command(&server);
+    let _a = command_agent(&server, "tally-1", &[]);
+    let _b = command_agent(&server, "tally-2", &[]);
+    let (code, view, _) = run_command(
+        &server,
+        &["-t", "tally-1,tally-2", "--", "/bin/sh", "-c", "exit 3"],
+    );
+    assert_eq!(code, 1);
+    let exited = view["job"]["id"].as_str().unwrap().to_string();
+    let (code, view, _) = run_command(
+        &server,
+        &[
+            "-t",
+            "tally-1",
+            "--timeout",
+            "1s",
+            "--script",
+            "echo started; sleep 30",
+        ],
+    );
+    assert_eq!(code, 1);
+    let stopped = view["job"]["id"].as_str().unwrap().to_string();
+    // A job of another world is not a command.
+    publish_misbehave(&server);
+    let other = server.json(&[
+        "run",
+        "misbehave",
+        "-t",
+        "tally-1",
+        "--no-wait",
+        "--input",
+        r#"{"mode":"echo"}"#,
+    ]);
+    let other = other["job_id"].as_str().unwrap().to_string();
+
+    let summary = |server: &Server, id: &str| {
+        wait_for(Duration::from_secs(20), "the ledger to catch up", || {
+            let list = server.json(&["command", "list"]);
+            let c = list
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["id"] == id)?
+                .clone();
+            let recorded: u64 = c["exit_codes"]
+                .as_object()?
+                .values()
+                .map(|n| n.as_u64().unwrap())
+                .sum::<u64>()
+                + c["partial"].as_u64()?;
+            (recorded > 0).then_some(c)
+        })
+    };
+    let c = summary(&server, &exited);
+    assert_eq!(c["exit_codes"], serde_json::json!({"3": 2}), "{c:#}");
+    assert_eq!(c["partial"], 0);
+    assert_eq!(c["what"], "/bin/sh -c exit 3");
+    assert_eq!(c["counts"]["failed"], 2);
+    let c = summary(&server, &stopped);
+    assert_eq!(c["partial"], 1, "{c:#}");
+    assert_eq!(c["counts"]["timed_out"], 1);
+    let list = server.json(&["command", "list"]);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["id"] != other.as_str()),
+        "{list:#}"
+    );
+
+    // People see the tally too.
+    let out = server.cli(&["command", "show", &exited]);
+    assert!(
+        text(&out.stdout).contains("exit codes: 3 x2"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // The record is the store's: it is there after a restart.
+    server.restart();
+    let c = server.json(&["command", "list"]);
+    let c = c
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == exited.as_str())
+        .unwrap();
+    assert_eq!(c["exit_codes"], serde_json::json!({"3": 2}));
+}

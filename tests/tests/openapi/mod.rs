@@ -78,7 +78,11 @@ fn the_openapi_document_covers_every_route_and_every_error_is_typed() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     let doc: Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
-    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{}", doc["openapi"]);
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3."),
+        "{}",
+        doc["openapi"]
+    );
 
     // Complete: what the CLI and agents call is documented, and nothing else is.
     let paths = doc["paths"].as_object().unwrap();
@@ -102,7 +106,9 @@ fn the_openapi_document_covers_every_route_and_every_error_is_typed() {
     refs(&doc, &mut all);
     assert!(!all.is_empty());
     for r in &all {
-        let name = r.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("{r}"));
+        let name = r
+            .strip_prefix("#/components/schemas/")
+            .unwrap_or_else(|| panic!("{r}"));
         assert!(schemas.contains_key(name), "{r} is not defined");
     }
     let codes: Vec<String> = schemas["ErrorCode"]["enum"]
@@ -163,8 +169,11 @@ fn the_openapi_document_covers_every_route_and_every_error_is_typed() {
         let what = format!("{} {path} -> {status} {body}", method.to_uppercase());
         assert_ne!(status, 405, "{what}: not routed");
         if status >= 400 {
-            let e: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{what}: not JSON"));
-            let code = e["code"].as_str().unwrap_or_else(|| panic!("{what}: no code"));
+            let e: Value =
+                serde_json::from_str(&body).unwrap_or_else(|_| panic!("{what}: not JSON"));
+            let code = e["code"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{what}: no code"));
             assert!(codes.iter().any(|c| c == code), "{what}: undocumented code");
             assert!(e["error"].as_str().is_some_and(|m| !m.is_empty()), "{what}");
             assert!(
