@@ -252,9 +252,13 @@ impl Jobs {
 
     /// Runs a job the agent scheduled itself, through the same checks, sandbox, limits,
     /// running marker and outbox as a job from the control plane. Returns its result,
-    /// which is also in the outbox.
+    /// which is also in the outbox. It waits for one of the `max_concurrent_jobs` slots
+    /// that envelopes share.
     pub async fn run_local(&self, job: LocalJob) -> JobResult {
-        self.run(job.into(), Instant::now(), now_ms()).await
+        let (started, started_at_ms) = (Instant::now(), now_ms());
+        // The semaphore is never closed; without a slot the job still runs.
+        let _slot = self.slots.acquire().await.ok();
+        self.run(job.into(), started, started_at_ms).await
     }
 
     /// Handles a cancel request from the control plane: a running job is stopped, with
