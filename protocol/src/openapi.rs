@@ -3,8 +3,8 @@
 
 use std::borrow::Cow;
 
-use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Schema, Type};
 use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Schema, Type};
 use utoipa::{PartialSchema, ToSchema};
 
 use crate::keys::PublicKey;
@@ -15,7 +15,9 @@ impl PartialSchema for PublicKey {
         ObjectBuilder::new()
             .schema_type(Type::String)
             .pattern(Some("^[0-9a-f]{64}$"))
-            .description(Some("An Ed25519 public key: 32 bytes as 64 hex characters."))
+            .description(Some(
+                "An Ed25519 public key: 32 bytes as 64 hex characters.",
+            ))
             .into()
     }
 }

@@ -41,6 +41,10 @@ pub const RETENTION: Duration = Duration::from_secs(24 * 3600);
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 /// Longest wait for new events before looking anyway (a missed wake-up costs this).
 const IDLE_POLL: Duration = Duration::from_secs(5);
+/// How long a consumer woken by new events lets more gather before it reads them: a
+/// burst of results is read in a few batches rather than one by one, and a single
+/// result's consumers step aside until the request that made it has its answer.
+const LINGER: Duration = Duration::from_millis(10);
 /// The longest pause after a consumer fails, before it is handed the events again.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -257,7 +261,11 @@ impl EventLog {
             let Some(last) = batch.last().map(|e| e.id) else {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = appended.changed() => {}
+                    _ = appended.changed() => {
+                        if !pause(LINGER).await {
+                            return;
+                        }
+                    }
                     _ = tokio::time::sleep(IDLE_POLL) => {}
                 }
                 continue;

@@ -181,9 +181,31 @@ impl Jobs {
     /// The `job.target_finished` events among `events`, with their results and typed
     /// outputs, in order. For a consumer's `handle`.
     pub async fn finished(&self, events: &[Event]) -> anyhow::Result<Vec<Finished>> {
+        self.finished_of(events, |_| true).await
+    }
+
+    /// [`Jobs::finished`], only for plugins of `world`: the results of others are not
+    /// read at all.
+    pub async fn finished_in_world(
+        &self,
+        events: &[Event],
+        world: World,
+    ) -> anyhow::Result<Vec<Finished>> {
+        self.finished_of(events, |t| t.world == world.as_str())
+            .await
+    }
+
+    async fn finished_of(
+        &self,
+        events: &[Event],
+        wanted: impl Fn(&TargetFinished) -> bool,
+    ) -> anyhow::Result<Vec<Finished>> {
         let mut out = Vec::new();
         for e in events.iter().filter(|e| e.kind == TARGET_FINISHED) {
             let target: TargetFinished = e.decode()?;
+            if !wanted(&target) {
+                continue;
+            }
             let result =
                 store::result_of(self.db(), &target.job_id, &target.agent_id, target.attempt)
                     .await?;

@@ -20,8 +20,11 @@ use crate::api::error::{ApiError, ErrorBody, ErrorCode, Json, Query};
 use crate::audit::Audit;
 use crate::fleet::targets::TargetError;
 
-/// How long a waiting job view lets results gather before counting again.
-const WAIT_COALESCE: Duration = Duration::from_millis(20);
+/// How long a waiting job view lets results gather before counting again, per target
+/// of the job, and at most: a count reads every target, so a large job is counted once
+/// per burst of results, and a small one at once.
+const WAIT_COALESCE_PER_TARGET: Duration = Duration::from_micros(20);
+const WAIT_COALESCE_MAX: Duration = Duration::from_millis(20);
 /// How often a live stream says it is alive, and checks the store.
 const LIVE_BEAT: Duration = Duration::from_secs(2);
 
@@ -158,8 +161,9 @@ async fn get_job(
             continue;
         }
         // Results come in bursts: one count for each burst, not one for each result
-        // (a count reads every target of the job).
-        tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + WAIT_COALESCE)).await;
+        // (a count reads every target of the job). A job of one target waits 20 µs.
+        let coalesce = (WAIT_COALESCE_PER_TARGET * total as u32).min(WAIT_COALESCE_MAX);
+        tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + coalesce)).await;
     }
 }
 

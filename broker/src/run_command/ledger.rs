@@ -36,13 +36,13 @@ impl Consumer for Ledger {
 
     fn handle<'a>(&'a self, events: &'a [Event]) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
-            let command_runner = World::CommandRunner.as_str();
             let none = drover_protocol::job::Captured::default();
             let mut rows = Vec::new();
-            for f in self.jobs.finished(events).await? {
-                if f.target.world != command_runner {
-                    continue;
-                }
+            for f in self
+                .jobs
+                .finished_in_world(events, World::CommandRunner)
+                .await?
+            {
                 let (exit_code, partial, stdout, stderr) = match &f.output {
                     Some(Output::Command(o)) => (o.exit_code, o.partial, &o.stdout, &o.stderr),
                     _ => (None, false, &none, &none),

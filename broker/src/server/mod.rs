@@ -206,7 +206,7 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
         .await
         .with_context(|| format!("binding the API to {}", config.api_listen))?;
     let api_addr = listener.local_addr()?;
-    let (app, _doc) = crate::api::router(token, &capabilities);
+    let (app, _) = crate::api::router(token, &capabilities);
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {
         axum::serve(listener, app)
