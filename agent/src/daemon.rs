@@ -10,8 +10,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use drover_protocol::agent::{Hello, Presence};
 use drover_protocol::enroll::Heartbeat;
-use drover_protocol::job::ResultAck;
-use drover_protocol::link::{self, LinkOptions, Publication};
+use drover_protocol::link::{self, LinkOptions, OnConnect, Publication};
 use drover_protocol::signed::Signed;
 use drover_protocol::topics::{self, Down, Up};
 use tokio::sync::mpsc;
@@ -211,6 +210,7 @@ async fn serve(config: Config, shared: Shared, shutdown: CancellationToken) -> a
         tags: config.tags.clone(),
         started_at_ms: drover_protocol::now_ms(),
         keyset_version: state.keyset().version,
+        sent_at_ms: 0,
     };
     let presence = |p: Presence| serde_json::to_vec(&p).expect("presence serialises");
     let status_topic = topics::up(&config.id, Up::Status);
@@ -233,18 +233,31 @@ async fn serve(config: Config, shared: Shared, shutdown: CancellationToken) -> a
         }),
         subscriptions: topics::down_topics(&config.id),
         unsubscriptions: vec![topics::down_filter(&config.id)],
-        on_connect: vec![
-            Publication {
-                topic: topics::up(&config.id, Up::Hello),
-                payload: serde_json::to_vec(&Signed::sign(&hello, &identity.signing))?,
-                retain: false,
-            },
-            Publication {
-                topic: status_topic.clone(),
-                payload: presence(Presence::Online),
-                retain: true,
-            },
-        ],
+        // Signed afresh at every connect: the server takes a hello only if it is newer
+        // than the last one it took, so a broker cannot replay an old one.
+        on_connect: {
+            let (hello, identity, state) = (hello, identity.clone(), state.clone());
+            let (hello_topic, status_topic) =
+                (topics::up(&config.id, Up::Hello), status_topic.clone());
+            OnConnect::new(move || {
+                let mut hello = hello.clone();
+                hello.sent_at_ms = drover_protocol::now_ms();
+                hello.keyset_version = state.keyset().version;
+                let signed = Signed::sign(&hello, &identity.signing);
+                vec![
+                    Publication {
+                        topic: hello_topic.clone(),
+                        payload: serde_json::to_vec(&signed).expect("hellos serialise"),
+                        retain: false,
+                    },
+                    Publication {
+                        topic: status_topic.clone(),
+                        payload: presence(Presence::Online),
+                        retain: true,
+                    },
+                ]
+            })
+        },
         incoming_capacity: 256,
     };
     let link_shutdown = CancellationToken::new();
@@ -328,16 +341,7 @@ async fn serve(config: Config, shared: Shared, shutdown: CancellationToken) -> a
             Some((id, Down::Cancel)) if id == config.id => {
                 jobs.cancel(&msg.payload, drover_protocol::now_ms())
             }
-            Some((id, Down::Ack)) if id == config.id => {
-                match serde_json::from_slice::<ResultAck>(&msg.payload) {
-                    Ok(ack) => {
-                        if outbox.ack(&ack.job_id, ack.attempt) {
-                            tracing::debug!(job.id = %ack.job_id, "result acknowledged");
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "malformed result acknowledgement"),
-                }
-            }
+            Some((id, Down::Ack)) if id == config.id => jobs.acknowledged(&msg.payload),
             _ => tracing::warn!(topic = %msg.topic, "ignoring message on unexpected topic"),
         }
     }

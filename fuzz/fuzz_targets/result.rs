@@ -1,9 +1,10 @@
 //! What agents send the server: results (`up/result`), hello (`up/hello`) and presence
-//! (`up/status`); and the server's result acknowledgement (`down/ack`).
+//! (`up/status`); and the server's signed result acknowledgement (`down/ack`).
 #![no_main]
 
 use drover_protocol::agent::{Hello, Presence};
 use drover_protocol::job::{JobResult, ResultAck};
+use drover_protocol::signed::Signed;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -24,7 +25,9 @@ fuzz_target!(|data: &[u8]| {
         let json = serde_json::to_vec(&p).expect("presence serialises");
         assert_eq!(serde_json::from_slice::<Presence>(&json).ok(), Some(p));
     }
-    if let Ok(a) = serde_json::from_slice::<ResultAck>(data) {
+    if let Ok(s) = serde_json::from_slice::<Signed<ResultAck>>(data)
+        && let Ok(a) = s.unverified()
+    {
         let json = serde_json::to_vec(&a).expect("an ack serialises");
         assert_eq!(serde_json::from_slice::<ResultAck>(&json).ok(), Some(a));
     }

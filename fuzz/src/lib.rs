@@ -236,14 +236,17 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         tags: BTreeMap::from([("role".to_string(), "web".to_string())]),
         started_at_ms: 1_700_000_000_000,
         keyset_version: 2,
+        sent_at_ms: 1_700_000_000_100,
     };
     out.push(("result", "hello.json", json(&hello)));
     out.push(("result", "presence.json", json(&Presence::Online)));
     let ack = ResultAck {
+        agent_id: "web-1".into(),
         job_id: job_id.into(),
         attempt: 1,
+        result_sha256: drover_protocol::manifest::sha256_hex(&json(&result)),
     };
-    out.push(("result", "ack.json", json(&ack)));
+    out.push(("result", "ack.json", json(&Signed::sign(&ack, &control))));
 
     out.push((
         "topics",

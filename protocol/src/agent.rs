@@ -19,13 +19,20 @@ pub struct Hello {
     pub arch: String,
     /// The agent's version.
     pub agent_version: String,
-    /// The agent's tags.
+    /// Labels the agent gives itself (its config's `[tags]`). Shown, never used to
+    /// target jobs: the server's tags for an agent come from its activation and from
+    /// operators.
     pub tags: BTreeMap<String, String>,
     /// When the agent process started, Unix milliseconds.
     pub started_at_ms: u64,
     /// The version of the key set the agent trusts.
     #[serde(default)]
     pub keyset_version: u64,
+    /// When this hello was signed, Unix milliseconds: it is signed afresh on every
+    /// connect, and the server refuses one that is not newer than the last it took (a
+    /// replay) or far from its own clock.
+    #[serde(default)]
+    pub sent_at_ms: u64,
 }
 
 /// Presence, published retained; the last will publishes `Offline`.

@@ -326,13 +326,25 @@ impl JobResult {
     }
 }
 
-/// The control plane's acknowledgement that a result is stored.
+/// The control plane's acknowledgement that a result is stored, signed by the
+/// control-plane key: the agent deletes a result from its outbox only on an ack that
+/// names it (agent, job, attempt) and the very bytes it sent, so a broker can neither
+/// forge one nor ack a result it swallowed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResultAck {
+    /// The agent whose result it is.
+    pub agent_id: String,
     /// The job.
     pub job_id: String,
     /// The attempt.
     pub attempt: u32,
+    /// SHA-256 (hex) of the result message exactly as the agent published it (its signed
+    /// JSON), which is what the control plane stored.
+    pub result_sha256: String,
+}
+
+impl Signable for ResultAck {
+    const CONTEXT: &'static str = "result-ack-v1";
 }
 
 /// Which output stream a piece of live output came from.
@@ -385,17 +397,23 @@ impl Signable for Progress {
 }
 
 /// The control plane's request to stop a job on one agent, signed by the control-plane
-/// key. An agent that has not started the job yet never starts it.
+/// key. An agent that has not started the job yet never starts it. It holds for one
+/// attempt, and only until it expires.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CancelRequest {
     /// The job.
     pub job_id: String,
     /// The agent this request is for.
     pub agent_id: String,
+    /// The attempt it stops; a later attempt of the same job is not affected.
+    pub attempt: u32,
     /// When the operator asked, Unix milliseconds.
     pub at_ms: u64,
+    /// After this (Unix milliseconds), agents ignore it: a captured request cannot be
+    /// replayed against a later run.
+    pub expires_at_ms: u64,
 }
 
 impl Signable for CancelRequest {
-    const CONTEXT: &'static str = "job-cancel-v1";
+    const CONTEXT: &'static str = "job-cancel-v2";
 }

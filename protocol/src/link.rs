@@ -84,6 +84,34 @@ pub struct Publication {
     pub retain: bool,
 }
 
+/// What to publish each time the connection comes up, made afresh at each connect (so a
+/// signed announcement can carry the time it was sent).
+#[derive(Clone)]
+pub struct OnConnect(Arc<dyn Fn() -> Vec<Publication> + Send + Sync>);
+
+impl OnConnect {
+    /// Nothing.
+    pub fn none() -> OnConnect {
+        OnConnect::new(Vec::new)
+    }
+
+    /// What `make` returns, called at every connect.
+    pub fn new(make: impl Fn() -> Vec<Publication> + Send + Sync + 'static) -> OnConnect {
+        OnConnect(Arc::new(make))
+    }
+
+    /// The publications for this connect.
+    pub fn make(&self) -> Vec<Publication> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for OnConnect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnConnect")
+    }
+}
+
 /// How to connect.
 #[derive(Debug, Clone)]
 pub struct LinkOptions {
@@ -111,8 +139,8 @@ pub struct LinkOptions {
     /// Unsubscribed after every connect, once `subscriptions` are in place: filters that
     /// an older version left in a persistent session.
     pub unsubscriptions: Vec<String>,
-    /// Published (QoS 1) after every connect, after subscribing.
-    pub on_connect: Vec<Publication>,
+    /// Published (QoS 1) after every connect, after subscribing; made afresh each time.
+    pub on_connect: OnConnect,
     /// Capacity of the incoming-message channel.
     pub incoming_capacity: usize,
 }
@@ -326,7 +354,7 @@ async fn run(
                 let client = client.clone();
                 let subs = opts.subscriptions.clone();
                 let unsubs = opts.unsubscriptions.clone();
-                let pubs = opts.on_connect.clone();
+                let pubs = opts.on_connect.make();
                 tokio::spawn(tracing::Instrument::in_current_span(async move {
                     if !subs.is_empty() {
                         let filters = subs

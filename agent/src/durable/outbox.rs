@@ -67,6 +67,8 @@ pub struct Stats {
 struct Entry {
     job_id: String,
     attempt: u32,
+    /// SHA-256 (hex) of the result message, as published: what an ack must name.
+    sha256: String,
     len: u64,
     created: std::time::SystemTime,
     last_sent: Option<Instant>,
@@ -172,6 +174,7 @@ impl Outbox {
                         Entry {
                             job_id,
                             attempt,
+                            sha256: hex::encode(&bytes[8..40]),
                             len: bytes.len() as u64,
                             created,
                             last_sent: None,
@@ -243,6 +246,7 @@ impl Outbox {
                 Entry {
                     job_id: job_id.to_string(),
                     attempt,
+                    sha256: hex::encode(&bytes[8..40]),
                     len: bytes.len() as u64,
                     created: std::time::SystemTime::now(),
                     last_sent: None,
@@ -283,12 +287,14 @@ impl Outbox {
         }
     }
 
-    /// The control plane has stored (job, attempt): forget it.
-    pub fn ack(&self, job_id: &str, attempt: u32) -> bool {
+    /// The control plane has stored the result of (job, attempt) whose message has the
+    /// digest `sha256` (hex): forget it. A result with another digest stays: the ack
+    /// is not for it.
+    pub fn ack(&self, job_id: &str, attempt: u32, sha256: &str) -> bool {
         let mut g = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let seqs: Vec<u64> =
             g.1.iter()
-                .filter(|(_, e)| e.job_id == job_id && e.attempt == attempt)
+                .filter(|(_, e)| e.job_id == job_id && e.attempt == attempt && e.sha256 == sha256)
                 .map(|(s, _)| *s)
                 .collect();
         for s in &seqs {
@@ -386,6 +392,11 @@ mod tests {
         serde_json::to_vec(&serde_json::json!({ "payload": inner, "signatures": [] })).unwrap()
     }
 
+    /// The digest an ack names for `signed_result(job, attempt)`.
+    fn digest(job: &str, attempt: u32) -> String {
+        drover_protocol::manifest::sha256_hex(&signed_result(job, attempt))
+    }
+
     fn dir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("drover-outbox-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
@@ -401,8 +412,10 @@ mod tests {
         drop(o);
         let o = Outbox::open(&d, Limits::default()).unwrap();
         assert_eq!(o.pending(), 2);
-        assert!(o.ack("j1", 1));
-        assert!(!o.ack("j1", 2));
+        // An ack for other bytes than those stored is not for this result.
+        assert!(!o.ack("j1", 1, &digest("j2", 1)));
+        assert!(o.ack("j1", 1, &digest("j1", 1)));
+        assert!(!o.ack("j1", 2, &digest("j1", 2)));
         drop(o);
         let o = Outbox::open(&d, Limits::default()).unwrap();
         assert_eq!(o.pending(), 1);
@@ -444,8 +457,11 @@ mod tests {
         }
         assert_eq!(o.pending(), 2);
         assert_eq!(o.stats.dropped_full.load(Ordering::Relaxed), 1);
-        assert!(!o.ack("a", 1), "the oldest should be the one dropped");
-        assert!(o.ack("c", 1));
+        assert!(
+            !o.ack("a", 1, &digest("a", 1)),
+            "the oldest should be the one dropped"
+        );
+        assert!(o.ack("c", 1, &digest("c", 1)));
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -466,7 +482,7 @@ mod tests {
         );
         assert_eq!(o.due(t + RESEND_AFTER), [0]);
         assert_eq!(o.due(t + Duration::from_secs(5) + RESEND_AFTER), [0, 1]);
-        assert!(o.ack("a", 1));
+        assert!(o.ack("a", 1, &digest("a", 1)));
         assert_eq!(o.due(t + Duration::from_secs(60)), [1]);
         std::fs::remove_dir_all(&d).unwrap();
     }

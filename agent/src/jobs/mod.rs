@@ -68,6 +68,9 @@ pub struct Stats {
     pub unauthenticated_refusals: AtomicU64,
     /// Copies of envelopes already in hand, ignored (see [`admission`]).
     pub duplicates: AtomicU64,
+    /// Result acks refused: not signed by a control-plane key, for another agent, or
+    /// naming no result in the outbox. The result stays and is sent again.
+    pub acks_refused: AtomicU64,
 }
 
 /// Where a job came from.
@@ -279,7 +282,14 @@ impl Jobs {
             tracing::warn!(job.id = %req.job_id, to = %req.agent_id, "cancel request for another agent refused");
             return;
         }
-        match self.lock_running().cancel(&req.job_id, now_ms) {
+        if req.expires_at_ms < now_ms {
+            tracing::warn!(job.id = %req.job_id, expired_ms_ago = now_ms - req.expires_at_ms, "expired cancel request refused");
+            return;
+        }
+        match self
+            .lock_running()
+            .cancel(&req.job_id, req.attempt, now_ms, req.expires_at_ms)
+        {
             run::Cancelled::Running => tracing::info!(job.id = %req.job_id, "cancelling job"),
             run::Cancelled::Remembered => {
                 tracing::info!(job.id = %req.job_id, "cancel request for a job not running; it will not start")

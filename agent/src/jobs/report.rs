@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use drover_protocol::job::{
-    FailureKind, JobResult, Progress, ProgressEvent, ResultStatus, StreamName,
+    FailureKind, JobResult, Progress, ProgressEvent, ResultAck, ResultStatus, StreamName,
 };
 use drover_protocol::link::LinkHandle;
 use drover_protocol::now_ms;
@@ -31,6 +31,53 @@ const LIVE_LINGER: Duration = Duration::from_millis(50);
 pub const STARTED_AFTER: Duration = Duration::from_millis(200);
 
 impl Jobs {
+    /// An ack for a result: the result leaves the outbox only if the ack is signed by a
+    /// control-plane key of this agent's key set, is addressed to this agent, and names
+    /// the very message the outbox holds. Anything else is refused, logged and counted,
+    /// and the result is sent again until a true ack comes.
+    pub fn acknowledged(&self, payload: &[u8]) {
+        let keyset = self.state.keyset();
+        let ack = serde_json::from_slice::<Signed<ResultAck>>(payload)
+            .map_err(|e| format!("not a signed ack: {e}"))
+            .and_then(|s| {
+                s.verify(&keyset.control_plane)
+                    .map_err(|e| format!("not signed by a control-plane key: {e}"))
+            })
+            .and_then(|ack| {
+                if ack.agent_id == self.config.id {
+                    Ok(ack)
+                } else {
+                    Err(format!("addressed to agent {:?}", ack.agent_id))
+                }
+            });
+        let refused = |why: String| {
+            let n = self.stats.acks_refused.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(
+                refused_total = n,
+                "result ack refused, the result stays in the outbox: {why}"
+            );
+        };
+        match ack {
+            Ok(ack)
+                if self
+                    .outbox
+                    .ack(&ack.job_id, ack.attempt, &ack.result_sha256) =>
+            {
+                tracing::debug!(job.id = %ack.job_id, "result acknowledged");
+            }
+            // A second ack for a result already gone is no news (acks go at most once,
+            // but results are sent again until one arrives).
+            Ok(ack) if !self.outbox.holds(&ack.job_id, ack.attempt) => {
+                tracing::debug!(job.id = %ack.job_id, "ack for a result no longer held");
+            }
+            Ok(ack) => refused(format!(
+                "job {} attempt {}: the ack names another message ({})",
+                ack.job_id, ack.attempt, ack.result_sha256
+            )),
+            Err(why) => refused(why),
+        }
+    }
+
     /// Counts and logs a finished (or refused) job, and publishes its result.
     pub(super) async fn report(&self, result: &JobResult) {
         if result.status == ResultStatus::Rejected {

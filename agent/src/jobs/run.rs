@@ -29,13 +29,14 @@ const CANCEL_MEMORY_MAX: usize = 10_000;
 /// How long the live-output forwarder may take to finish after its run.
 const FORWARDER_GRACE: Duration = Duration::from_secs(5);
 
-/// Jobs running now, and cancel requests for jobs that are not (yet).
+/// Jobs running now, and cancel requests for jobs that are not (yet), by (job, attempt):
+/// a cancel request stops one attempt, never a later one.
 #[derive(Default)]
 pub struct Running {
-    /// By job id, with what stops it.
-    running: HashMap<String, CancellationToken>,
-    /// By job id, with when the request came (Unix milliseconds).
-    cancelled: HashMap<String, u64>,
+    /// With what stops each.
+    running: HashMap<(String, u32), CancellationToken>,
+    /// With until when each request holds (Unix milliseconds).
+    cancelled: HashMap<(String, u32), u64>,
 }
 
 /// What a cancel request did.
@@ -51,33 +52,36 @@ pub enum Cancelled {
 
 impl Running {
     /// A job starts: what stops it, and whether a cancel request already came for it.
-    fn start(&mut self, job_id: &str) -> (CancellationToken, bool) {
+    fn start(&mut self, job_id: &str, attempt: u32) -> (CancellationToken, bool) {
         let stop = CancellationToken::new();
-        let already = self.cancelled.remove(job_id).is_some();
+        let key = (job_id.to_string(), attempt);
+        let already = self.cancelled.remove(&key).is_some();
         if already {
             stop.cancel();
         } else {
-            self.running.insert(job_id.to_string(), stop.clone());
+            self.running.insert(key, stop.clone());
         }
         (stop, already)
     }
 
-    fn finish(&mut self, job_id: &str) {
-        self.running.remove(job_id);
+    fn finish(&mut self, job_id: &str, attempt: u32) {
+        self.running.remove(&(job_id.to_string(), attempt));
     }
 
-    /// A cancel request for `job_id` came at `now_ms`.
-    pub fn cancel(&mut self, job_id: &str, now_ms: u64) -> Cancelled {
-        if let Some(stop) = self.running.get(job_id) {
+    /// A cancel request for (`job_id`, `attempt`) that holds until `until_ms` came at
+    /// `now_ms`.
+    pub fn cancel(&mut self, job_id: &str, attempt: u32, now_ms: u64, until_ms: u64) -> Cancelled {
+        let key = (job_id.to_string(), attempt);
+        if let Some(stop) = self.running.get(&key) {
             stop.cancel();
             return Cancelled::Running;
         }
-        self.cancelled
-            .retain(|_, at| now_ms.saturating_sub(*at) < CANCEL_MEMORY_MS);
+        self.cancelled.retain(|_, until| *until > now_ms);
         if self.cancelled.len() >= CANCEL_MEMORY_MAX {
             return Cancelled::Forgotten;
         }
-        self.cancelled.insert(job_id.to_string(), now_ms);
+        self.cancelled
+            .insert(key, until_ms.min(now_ms.saturating_add(CANCEL_MEMORY_MS)));
         Cancelled::Remembered
     }
 }
@@ -119,7 +123,7 @@ impl Jobs {
         if let Err(e) = self.markers.mark(&job.id, job.attempt, &label) {
             tracing::warn!(error = %e, "cannot record the running job; a crash now would go unreported");
         }
-        let (stop, already) = self.lock_running().start(&job.id);
+        let (stop, already) = self.lock_running().start(&job.id, job.attempt);
         let limits = self.config.clamp(job.limits);
         let (live, live_rx) = LiveSink::new(LIVE_CAPACITY);
         let partial = live.partial();
@@ -151,7 +155,7 @@ impl Jobs {
                 r = self.execute(&job, limits, &mut result, live) => r,
             }
         };
-        self.lock_running().finish(&job.id);
+        self.lock_running().finish(&job.id, job.attempt);
         if matches!(&outcome, Err(f) if f.kind == FailureKind::Cancelled) {
             self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
             result.status = ResultStatus::Failed;
@@ -303,30 +307,46 @@ mod tests {
     #[test]
     fn cancel_requests_for_jobs_not_running_are_remembered_for_a_while() {
         let mut r = Running::default();
-        assert_eq!(r.cancel("a", 1_000), Cancelled::Remembered);
-        let (stop, already) = r.start("a");
+        let forever = u64::MAX;
+        assert_eq!(r.cancel("a", 1, 1_000, forever), Cancelled::Remembered);
+        let (stop, already) = r.start("a", 1);
         assert!(
             already && stop.is_cancelled(),
             "cancelled before it started"
         );
-        let (stop, already) = r.start("b");
+        let (stop, already) = r.start("b", 1);
         assert!(!already && !stop.is_cancelled());
-        assert_eq!(r.cancel("b", 1_000), Cancelled::Running);
+        assert_eq!(r.cancel("b", 1, 1_000, forever), Cancelled::Running);
         assert!(stop.is_cancelled());
-        r.finish("b");
-        // Remembered for an hour, then forgotten.
-        assert_eq!(r.cancel("c", 1_000), Cancelled::Remembered);
-        r.cancel("d", 1_000 + CANCEL_MEMORY_MS);
-        assert!(!r.cancelled.contains_key("c"));
-        assert!(r.cancelled.contains_key("d"));
+        r.finish("b", 1);
+        // Remembered for an hour at most, then forgotten.
+        assert_eq!(r.cancel("c", 1, 1_000, forever), Cancelled::Remembered);
+        r.cancel("d", 1, 1_000 + CANCEL_MEMORY_MS, forever);
+        assert!(!r.cancelled.contains_key(&("c".to_string(), 1)));
+        assert!(r.cancelled.contains_key(&("d".to_string(), 1)));
         // Bounded: past the bound a request is not kept.
         for i in 0..CANCEL_MEMORY_MAX {
-            r.cancel(&format!("x{i}"), 2_000 + CANCEL_MEMORY_MS);
+            r.cancel(&format!("x{i}"), 1, 2_000 + CANCEL_MEMORY_MS, forever);
         }
         assert_eq!(
-            r.cancel("one-too-many", 2_000 + CANCEL_MEMORY_MS),
+            r.cancel("one-too-many", 1, 2_000 + CANCEL_MEMORY_MS, forever),
             Cancelled::Forgotten
         );
+    }
+
+    #[test]
+    fn a_cancel_request_stops_its_attempt_only_and_only_until_it_expires() {
+        let mut r = Running::default();
+        // For attempt 1: a later attempt of the same job is not stopped.
+        assert_eq!(r.cancel("j", 1, 1_000, 5_000), Cancelled::Remembered);
+        let (stop, already) = r.start("j", 2);
+        assert!(!already && !stop.is_cancelled());
+        let (running, _) = r.start("k", 2);
+        assert_eq!(r.cancel("k", 1, 1_000, 5_000), Cancelled::Remembered);
+        assert!(!running.is_cancelled(), "attempt 2 runs on");
+        // Remembered until it expires, not an hour.
+        r.cancel("other", 1, 5_001, u64::MAX);
+        assert!(!r.cancelled.contains_key(&("j".to_string(), 1)));
     }
 
     /// What a program cut short at its timeout left: `hi\n` on stdout, 1 byte kept.

@@ -131,7 +131,7 @@ impl Agent {
                 last_will: None,
                 subscriptions: Vec::new(),
                 unsubscriptions: Vec::new(),
-                on_connect: Vec::new(),
+                on_connect: drover_protocol::link::OnConnect::none(),
                 incoming_capacity: 1,
             },
             stop.clone(),

@@ -5,11 +5,31 @@ use drover_protocol::job::{CancelRequest, JobEnvelope};
 use drover_protocol::signed::Signed;
 use drover_protocol::topics::{self, Down};
 
+use super::rollout::RESULT_GRACE_MS;
 use super::types::{LiveWhat, TargetState};
 use super::{Jobs, envelope, store};
 use crate::mqtt::publisher::Delivery;
 
+/// The shortest a cancel request is valid, from when it is sent.
+const CANCEL_VALID_MIN_MS: u64 = 60_000;
+
 impl Jobs {
+    /// The attempt a cancel request for `agent`'s target of `job` stops, and until when
+    /// it holds: as long as that attempt may still start (the job's expiry) and run (its
+    /// timeout, and the grace the server gives its result).
+    async fn cancel_terms(&self, job: &str, agent: &str) -> anyhow::Result<(u32, u64)> {
+        let attempt = store::attempt_of(self.db(), job, agent).await?.unwrap_or(1);
+        let expires = store::job(self.db(), job)
+            .await?
+            .map_or(0, |j| j.expires_ms);
+        let timeout = store::rollout(self.db(), job)
+            .await
+            .ok()
+            .flatten()
+            .map_or(0, |r| r.spec.limits.timeout_ms);
+        Ok((attempt, expires + timeout + RESULT_GRACE_MS))
+    }
+
     /// Signs the envelopes (of one job), records their targets as sent in one store
     /// write, then publishes them. Returns the targets that could not be sent, and why.
     pub(super) async fn send_envelopes(
@@ -121,10 +141,20 @@ impl Jobs {
     /// Asks `agent` to stop its target of `job`, and keeps the request until the target
     /// has its answer.
     pub(super) async fn send_cancel(&self, job: &str, agent: &str) {
+        let now = self.now();
+        let (attempt, expires_at_ms) = match self.cancel_terms(job, agent).await {
+            Ok(terms) => terms,
+            Err(e) => {
+                tracing::warn!(job.id = %job, agent.id = %agent, error = %format!("{e:#}"), "no cancel request: the target is unreadable");
+                return;
+            }
+        };
         let req = CancelRequest {
             job_id: job.to_string(),
             agent_id: agent.to_string(),
-            at_ms: self.now(),
+            attempt,
+            at_ms: now,
+            expires_at_ms: expires_at_ms.max(now + CANCEL_VALID_MIN_MS),
         };
         let body = serde_json::to_vec(&Signed::sign(&req, &self.shared.signer))
             .expect("cancel requests serialise");

@@ -3,7 +3,8 @@
 //! And out to capabilities: finished targets with their results and typed outputs.
 
 use drover_protocol::job::{FailureKind, JobResult, ResultAck, ResultStatus};
-use drover_protocol::manifest::World;
+use drover_protocol::manifest::{World, sha256_hex};
+use drover_protocol::signed::Signed;
 use drover_protocol::topics::{self, Down, Up};
 use drover_protocol::worlds::Output;
 use tracing::Instrument as _;
@@ -16,11 +17,13 @@ use super::types::LiveWhat;
 use crate::events::Event;
 use crate::mqtt::publisher::Delivery;
 
-/// A result whose signature and sender checked out, with its audit text.
+/// A result whose signature and sender checked out, with its audit text and the
+/// digest of the message as the agent sent it (which its ack names).
 #[derive(Debug)]
 pub struct CheckedResult {
     result: JobResult,
     audit: String,
+    digest: String,
 }
 
 impl Jobs {
@@ -65,7 +68,11 @@ impl Jobs {
             ),
             None => format!("{} v{}", result.plugin, result.plugin_version),
         };
-        Ok(Some(CheckedResult { result, audit }))
+        Ok(Some(CheckedResult {
+            result,
+            audit,
+            digest: sha256_hex(payload),
+        }))
     }
 
     /// Stores checked results in one transaction, then acts on each: rollouts, live
@@ -103,7 +110,7 @@ impl Jobs {
             }
         };
         let mut last_event = None;
-        for (CheckedResult { result, .. }, recorded) in results.into_iter().zip(outcomes) {
+        for (CheckedResult { result, digest, .. }, recorded) in results.into_iter().zip(outcomes) {
             let agent = result.agent_id.as_str();
             match recorded {
                 Recorded::Stored(state, detail, event) => {
@@ -121,7 +128,7 @@ impl Jobs {
                     tokio::spawn(
                         async move {
                             let job = &result.job_id;
-                            me.ack(&result.agent_id, job, result.attempt).await;
+                            me.ack(&result.agent_id, job, result.attempt, digest).await;
                             if let Some(actions) = actions {
                                 me.apply(job, actions).await;
                                 me.finish_if_done(job).await;
@@ -134,7 +141,7 @@ impl Jobs {
                     tracing::debug!(agent.id = %agent, job.id = %result.job_id, "duplicate result ignored");
                     let me = self.clone();
                     tokio::spawn(async move {
-                        me.ack(&result.agent_id, &result.job_id, result.attempt)
+                        me.ack(&result.agent_id, &result.job_id, result.attempt, digest)
                             .await
                     });
                 }
@@ -158,12 +165,18 @@ impl Jobs {
         }
     }
 
-    async fn ack(&self, agent: &str, job_id: &str, attempt: u32) {
+    /// Tells the agent its result is stored, so it may delete it from its outbox. The
+    /// ack is signed, and names the very message stored: a broker can neither forge one
+    /// nor ack a result it kept from the server.
+    async fn ack(&self, agent: &str, job_id: &str, attempt: u32, result_sha256: String) {
         let ack = ResultAck {
+            agent_id: agent.to_string(),
             job_id: job_id.to_string(),
             attempt,
+            result_sha256,
         };
-        let body = serde_json::to_vec(&ack).expect("acks serialise");
+        let body =
+            serde_json::to_vec(&Signed::sign(&ack, &self.shared.signer)).expect("acks serialise");
         // At most once: a lost ack costs only a resent result, acknowledged again.
         let topic = topics::down(agent, Down::Ack);
         if let Err(e) = self
@@ -175,9 +188,7 @@ impl Jobs {
             tracing::warn!(agent.id = %agent, error = %format!("{e:#}"), "could not send result ack");
         }
     }
-}
 
-impl Jobs {
     /// The `job.target_finished` events among `events`, with their results and typed
     /// outputs, in order. For a consumer's `handle`.
     pub async fn finished(&self, events: &[Event]) -> anyhow::Result<Vec<Finished>> {

@@ -360,6 +360,16 @@ pub async fn record_results(
     Ok(outcomes)
 }
 
+/// The attempt `agent_id`'s target of `job_id` is at, if there is such a target.
+pub async fn attempt_of(db: &Db, job_id: &str, agent_id: &str) -> anyhow::Result<Option<u32>> {
+    Ok(db
+        .conn()
+        .await
+        .prepare_cached("SELECT attempt FROM job_targets WHERE job_id = ?1 AND agent_id = ?2")?
+        .query_row(params![job_id, agent_id], |r| r.get(0))
+        .optional()?)
+}
+
 /// A target's result for an attempt, if it has one.
 pub async fn result_of(
     db: &Db,

@@ -282,6 +282,7 @@ async fn a_plain_job_goes_to_every_target_at_once_and_a_returning_agent_gets_wha
         tags: Default::default(),
         started_at_ms: 0,
         keyset_version: 1,
+        sent_at_ms: clock.now_ms(),
     };
     let event = crate::fleet::store::record_hello(&e.db, &e.events, &hello, clock.now_ms())
         .await

@@ -150,7 +150,7 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
             last_will: None,
             subscriptions: vec![topics::UP_FILTER.to_string()],
             unsubscriptions: Vec::new(),
-            on_connect: vec![],
+            on_connect: link::OnConnect::none(),
             incoming_capacity: 4096,
         },
         link_shutdown.clone(),

@@ -688,3 +688,98 @@ fn the_audit_log_records_operator_actions_and_executions() {
             .all(|e| e["actor"] == "agent:audited-1")
     );
 }
+
+fn outbox_files(agent: &Agent) -> usize {
+    std::fs::read_dir(agent.data_dir.join("outbox"))
+        .map(|d| d.flatten().filter(|e| e.path().is_file()).count())
+        .unwrap_or(0)
+}
+
+/// A broker that swallows a result and forges its ack cannot make the agent drop it: a
+/// result leaves the outbox only on an ack signed by the control-plane key that names the
+/// very message the server stored. (Before, an unsigned ack deleted it for good.)
+#[test]
+fn a_forged_ack_cannot_make_an_agent_drop_a_result_the_server_never_stored() {
+    use drover_protocol::job::ResultAck;
+    use drover_protocol::signed::Signed;
+    let mut f = Field::new(&["acked-1"]);
+    let job = f.server.json(&[
+        "run",
+        "misbehave",
+        "-t",
+        "acked-1",
+        "--no-wait",
+        "--timeout",
+        "60s",
+        "--input",
+        r#"{"mode":"sleep","seconds":2}"#,
+    ])["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_for(Duration::from_secs(60), "the job to start", || {
+        let running = std::fs::read_dir(f.agents[0].data_dir.join("running")).ok()?;
+        (running.count() == 1).then_some(())
+    });
+    // The server goes away while the job runs; the broker then swallows what the agent
+    // publishes for it (a restart without persistence drops it).
+    f.server.stop();
+    wait_for(Duration::from_secs(30), "the result in the outbox", || {
+        (outbox_files(&f.agents[0]) == 1).then_some(())
+    });
+    let connects = |a: &Agent| a.log_text().matches("connected to broker").count();
+    let before = connects(&f.agents[0]);
+    f.mosq.kill9();
+    f.mosq.restart();
+    wait_for(
+        Duration::from_secs(30),
+        "the agent back on the broker",
+        || (connects(&f.agents[0]) > before).then_some(()),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Forged acks: unsigned, as the previous release took them; signed by a key of the
+    // broker's own; and signed by the control plane but naming another message.
+    let topic = "drover/v1/agents/acked-1/down/ack";
+    f.inject(
+        topic,
+        serde_json::json!({"job_id": job, "attempt": 1})
+            .to_string()
+            .as_bytes(),
+    );
+    let ack = |digest: &str| ResultAck {
+        agent_id: "acked-1".into(),
+        job_id: job.clone(),
+        attempt: 1,
+        result_sha256: digest.into(),
+    };
+    let stranger = drover_protocol::keys::SigningKey::generate();
+    let forged = Signed::sign(&ack(&"0".repeat(64)), &stranger);
+    f.inject(topic, &serde_json::to_vec(&forged).unwrap());
+    let control =
+        drover_protocol::keys::SigningKey::load(&f.server.data.join("keys/control-plane.key"))
+            .unwrap();
+    let other = Signed::sign(&ack(&"1".repeat(64)), &control);
+    f.inject(topic, &serde_json::to_vec(&other).unwrap());
+    wait_for(Duration::from_secs(30), "three refused acks", || {
+        (f.agents[0].log_text().matches("result ack refused").count() >= 3).then_some(())
+    });
+    assert_eq!(
+        outbox_files(&f.agents[0]),
+        1,
+        "a forged ack deleted the result"
+    );
+
+    // When the server is back, the result reaches it from the outbox, and only its true
+    // ack empties the outbox.
+    f.server.restart();
+    let r = wait_for(Duration::from_secs(60), "the result stored", || {
+        let v = f.server.json(&["job", "show", &job]);
+        let r = v["targets"][0]["result"].clone();
+        (!r.is_null()).then_some(r)
+    });
+    assert_eq!(r["status"], "succeeded", "{r:#}");
+    wait_for(Duration::from_secs(30), "the outbox to empty", || {
+        (outbox_files(&f.agents[0]) == 0).then_some(())
+    });
+}

@@ -657,10 +657,10 @@ pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Starts a server on `mosq` with the given control password.
+/// Starts a server on `mosq` with the given control password, kept beside the broker's
+/// files so that the server can be restarted as long as the broker lives.
 pub fn server_on(mosq: &Mosquitto, control_password: &str) -> Server {
-    let dir = TempDir::new("control-pw");
-    let pw = dir.path().join("control.pw");
+    let pw = mosq.dir.path().join(format!("control-{}.pw", free_port()));
     fs::write(&pw, control_password).unwrap();
     let (url, pw_s) = (mosq.url(), pw.display().to_string());
     Server::start_with(&[
