@@ -11,6 +11,10 @@ use serde_json::Value;
 
 use super::support::*;
 
+// The attacks on the agent's sandbox, and on the server, each in a file of their own.
+mod sandbox;
+mod server;
+
 const ATTACKER: (&str, &str) = ("attacker", "attacker-secret");
 
 /// A `mosquitto_sub` running as the attacker, writing what it receives to a file.
