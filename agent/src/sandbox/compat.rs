@@ -18,31 +18,8 @@ use super::worlds::{Input, mismatch, task_output};
 /// The contract version these bindings are for.
 pub const VERSION: &str = "0.1.0";
 
-/// Host and guest bindings of `wit/v0.1.0/`.
-pub mod bindings {
-    wasmtime::component::bindgen!({
-        path: "../wit/v0.1.0",
-        world: "inventory-collector",
-        imports: { "drover:plugin/process.run": async },
-        exports: { default: async },
-    });
-
-    /// The `task` world, sharing the interfaces above.
-    pub mod task {
-        wasmtime::component::bindgen!({
-            path: "../wit/v0.1.0",
-            world: "task",
-            exports: { default: async },
-            with: {
-                "drover:plugin/types": super::drover::plugin::types,
-                "drover:plugin/logging": super::drover::plugin::logging,
-                "drover:plugin/host-facts": super::drover::plugin::host_facts,
-                "drover:plugin/process": super::drover::plugin::process,
-                "drover:plugin/parameters": super::drover::plugin::parameters,
-            },
-        });
-    }
-}
+/// The bindings of `wit/v0.1.0/`.
+pub use super::bindings::v0_1 as bindings;
 
 use bindings::drover::plugin::{inventory as wit_inventory, types};
 

@@ -1,6 +1,7 @@
 //! The sandbox: one wasmtime `Engine`, compiled components cached on disk, and a fresh
 //! `Store` with limits for every run.
 //!
+//! - `bindings`: the generated bindings of both contract versions.
 //! - [`engine`]: the engine's configuration and its epoch ticker (deadlines).
 //! - [`cache`]: precompiled components on disk, loaded plugins in memory.
 //! - [`limits`]: the memory limiter and the bound on returned output.
@@ -16,6 +17,7 @@
 //! the versions of the `drover:plugin` interfaces it imports), and kept with it as typed
 //! bindings; a run only calls them.
 
+mod bindings;
 mod cache;
 pub mod capped;
 mod compat;

@@ -14,49 +14,8 @@ use super::host::Host;
 /// The contract version these bindings are for.
 pub const VERSION: &str = "0.2.0";
 
-/// Host and guest bindings of `wit/`. (`wit-parser` reads the `*.wit` files of that
-/// directory only: `wit/v0.1.0/` is not part of this package.)
-pub mod bindings {
-    wasmtime::component::bindgen!({
-        path: "../wit",
-        world: "inventory-collector",
-        // Running a program waits on it: the only host import that is async.
-        imports: { "drover:plugin/process.run": async },
-        exports: { default: async },
-    });
-
-    /// The `command-runner` world, sharing the interfaces above.
-    pub mod command_runner {
-        wasmtime::component::bindgen!({
-            path: "../wit",
-            world: "command-runner",
-            exports: { default: async },
-            with: {
-                "drover:plugin/types": super::drover::plugin::types,
-                "drover:plugin/logging": super::drover::plugin::logging,
-                "drover:plugin/host-facts": super::drover::plugin::host_facts,
-                "drover:plugin/process": super::drover::plugin::process,
-                "drover:plugin/parameters": super::drover::plugin::parameters,
-            },
-        });
-    }
-
-    /// The `task` world, sharing the interfaces above.
-    pub mod task {
-        wasmtime::component::bindgen!({
-            path: "../wit",
-            world: "task",
-            exports: { default: async },
-            with: {
-                "drover:plugin/types": super::drover::plugin::types,
-                "drover:plugin/logging": super::drover::plugin::logging,
-                "drover:plugin/host-facts": super::drover::plugin::host_facts,
-                "drover:plugin/process": super::drover::plugin::process,
-                "drover:plugin/parameters": super::drover::plugin::parameters,
-            },
-        });
-    }
-}
+/// The bindings of `wit/`.
+pub use super::bindings::v0_2 as bindings;
 
 use bindings::command_runner::drover::plugin::run_command as wit_command;
 use bindings::drover::plugin::{inventory as wit_inventory, types};

@@ -19,10 +19,10 @@ use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::Grant;
-use super::compat::bindings::drover::plugin as v0_1;
+use super::bindings::v0_1::drover::plugin as v0_1;
+use super::bindings::v0_2::drover::plugin as v0_2;
 use super::exec::LiveSink;
 use super::limits::MemoryLimiter;
-use super::worlds::bindings::drover::plugin as v0_2;
 use crate::facts::HostFacts;
 
 /// Everything a run may touch. One per run, dropped with the store.
