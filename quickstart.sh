@@ -92,7 +92,7 @@ Where to look next (the server and agent are still running):
   $bin/drover run misbehave --targets local --timeout 2s --input '{"mode":"spin"}'
                                                   # a runaway plugin, stopped at its deadline
   $bin/drover run-command --targets all --max-concurrency 10% --max-errors 1 -- df -h /
-  $bin/drover command list                        # recent commands and jobs, state counts
+  $bin/drover command list                        # recent commands: states and exit codes
   $bin/drover command show ID                     # per-target state, exit code, output
   $bin/drover agents events                       # refusals and other agent reports
   logs: $demo/server.log  $demo/agent.log
