@@ -211,6 +211,18 @@ impl Policy {
             Err(missing)
         }
     }
+
+    /// The `read_paths` entry a granted read path lies at or below: the longest, so a
+    /// link the operator wrote in a longer entry is followed (they named it). The rest
+    /// of the path is opened without following links (`sandbox::host_dir`).
+    pub fn read_root(&self, path: &str) -> Option<&Path> {
+        let path = Path::new(path);
+        self.read_paths
+            .iter()
+            .filter(|root| path.starts_with(root))
+            .max_by_key(|root| root.components().count())
+            .map(PathBuf::as_path)
+    }
 }
 
 fn is_normal_absolute(p: &Path) -> bool {

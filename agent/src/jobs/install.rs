@@ -11,7 +11,9 @@ use drover_protocol::{durable, now_secs};
 use tracing::Instrument as _;
 
 use super::Jobs;
+use crate::config::Policy;
 use crate::sandbox::LoadedPlugin;
+use crate::sandbox::host_dir::HostDir;
 
 /// A plugin ready to run.
 pub struct Installed {
@@ -19,6 +21,8 @@ pub struct Installed {
     pub manifest: Manifest,
     /// What the local policy grants it: all it asks for.
     pub capabilities: Capabilities,
+    /// Its granted read paths, opened.
+    pub read_dirs: Vec<HostDir>,
     /// The compiled component.
     pub plugin: LoadedPlugin,
 }
@@ -65,6 +69,9 @@ impl Jobs {
                     ),
                 )
             })?;
+        // Before anything is fetched: a path the policy matched as text must also be
+        // what the host resolves it to.
+        let read_dirs = open_read_paths(&self.config.policy, &capabilities.read_paths)?;
         // Expiry stops new installs, never a plugin already installed.
         let installed = self
             .state
@@ -163,9 +170,43 @@ impl Jobs {
         Ok(Installed {
             manifest,
             capabilities,
+            read_dirs,
             plugin,
         })
     }
+}
+
+/// Opens each granted read path: its policy entry as the operator wrote it, the rest
+/// without following links. A link, or anything but a directory, is a policy refusal
+/// naming the path. Per job, and only for jobs with read paths: one `open` for a path
+/// that is its policy entry (as before, when wasmtime-wasi opened it), two below one.
+/// Blocking, on the async worker, as opening the preopens always was.
+fn open_read_paths(policy: &Policy, paths: &[String]) -> Result<Vec<HostDir>, Failure> {
+    paths
+        .iter()
+        .map(|path| {
+            // `grant` allowed it, so some entry matches; none would be a policy refusal.
+            let root = policy.read_root(path).ok_or_else(|| {
+                Failure::new(
+                    FailureKind::PolicyDenied,
+                    format!("granted path {path} is under no policy.read_paths entry"),
+                )
+            })?;
+            HostDir::open_beneath(root, path).map_err(|e| {
+                if e.is_refusal() {
+                    Failure::new(
+                        FailureKind::PolicyDenied,
+                        format!("granted path refused: {e}"),
+                    )
+                } else {
+                    Failure::new(
+                        FailureKind::AgentError,
+                        format!("granted path cannot be opened on this host: {e}"),
+                    )
+                }
+            })
+        })
+        .collect()
 }
 
 /// Checks a blob against its manifest's length and digest.

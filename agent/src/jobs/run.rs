@@ -231,6 +231,7 @@ impl Jobs {
         let parameters = self.open_parameters(job)?;
         let grant = Grant {
             capabilities: installed.capabilities,
+            read_dirs: installed.read_dirs,
             limits,
             run_as: self.config.policy.run_as.clone(),
         };

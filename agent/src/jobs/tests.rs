@@ -165,7 +165,17 @@ impl Agent {
         world: World,
         caps: Capabilities,
     ) -> Signed<Manifest> {
-        let wasm = component(crate_name);
+        self.plugin_of(component(crate_name), name, world, caps)
+    }
+
+    /// [`Agent::plugin`] for a component's bytes.
+    fn plugin_of(
+        &self,
+        wasm: Vec<u8>,
+        name: &str,
+        world: World,
+        caps: Capabilities,
+    ) -> Signed<Manifest> {
         let sha256 = sha256_hex(&wasm);
         let blobs = self.dir.join("data/blobs");
         std::fs::write(blobs.join(format!("{sha256}.wasm")), &wasm).unwrap();
@@ -584,5 +594,170 @@ async fn inventory_output_keeps_its_keys() {
     assert!(
         out["custom"].is_array() && out["warnings"].is_array(),
         "{out:#}"
+    );
+}
+
+/// The policy allows a directory; a manifest asks for a link in it to a directory
+/// outside. Refused before anything runs; a real directory below works.
+#[tokio::test]
+async fn a_read_grant_through_a_link_below_the_policy_is_refused() {
+    let base = std::fs::canonicalize(std::env::temp_dir())
+        .unwrap()
+        .join(format!("drover-jobs-linked-tree-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let (allowed, outside) = (base.join("allowed"), base.join("outside"));
+    std::fs::create_dir_all(allowed.join("sub")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(allowed.join("sub/file"), "fine").unwrap();
+    std::fs::write(outside.join("secret"), "not for plugins").unwrap();
+    std::os::unix::fs::symlink(&outside, allowed.join("link")).unwrap();
+    let path = |rest: &str| allowed.join(rest).to_str().unwrap().to_string();
+
+    let a = Agent::start(
+        "links",
+        PolicyFile {
+            read_paths: vec![allowed.clone()],
+            ..PolicyFile::default()
+        },
+    );
+    let reads = |p: String| Capabilities {
+        read_paths: vec![p],
+        ..Capabilities::default()
+    };
+    let via_link = a.plugin(
+        "drover-plugin-misbehave",
+        "via-link",
+        World::Task,
+        reads(path("link")),
+    );
+    let r = a
+        .run(
+            "via-link",
+            &via_link,
+            json!({"mode": "open", "path": path("link/secret")}),
+        )
+        .await;
+    assert_eq!(r.status, ResultStatus::Rejected, "{r:#?}");
+    let f = failure(&r);
+    assert_eq!(f.kind, FailureKind::PolicyDenied, "{f:?}");
+    assert_eq!(
+        f.message,
+        format!(
+            "granted path refused: {} goes through a symbolic link below {}, which is not followed; name the real directory",
+            path("link"),
+            allowed.display()
+        )
+    );
+    assert_eq!(
+        a.jobs.stats.ran.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+
+    let via_sub = a.plugin(
+        "drover-plugin-misbehave",
+        "via-sub",
+        World::Task,
+        reads(path("sub")),
+    );
+    let r = a
+        .run(
+            "via-sub",
+            &via_sub,
+            json!({"mode": "open", "path": path("sub/file")}),
+        )
+        .await;
+    assert_eq!(r.status, ResultStatus::Succeeded, "{r:#?}");
+    assert_eq!(r.output.unwrap()["read_bytes"], 4);
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// A `task` component with `memories` memories of `pages` pages each, whose `run` fills
+/// them all and returns `{}` (the same as the attack suite's).
+fn many_memories(memories: usize, pages: u32) -> Vec<u8> {
+    let bytes = pages * 65536;
+    let decls: String = (0..memories)
+        .map(|i| format!("(memory $m{i} {pages})\n"))
+        .collect();
+    let fills: String = (0..memories)
+        .map(|i| format!("(memory.fill $m{i} (i32.const 0) (i32.const 1) (i32.const {bytes}))\n"))
+        .collect();
+    wat::parse_str(format!(
+        r#"
+(component
+  (core module $hog
+    {decls}
+    (export "memory" (memory $m0))
+    (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32) (i32.const 1024))
+    (func (export "run") (param i32 i32) (result i32)
+      {fills}
+      (i32.store16 $m0 (i32.const 0) (i32.const 0x7d7b))
+      (i32.store8 $m0 (i32.const 16) (i32.const 0))
+      (i32.store $m0 (i32.const 20) (i32.const 0))
+      (i32.store $m0 (i32.const 24) (i32.const 2))
+      (i32.const 16)))
+  (core instance $i (instantiate $hog))
+  (type $error' (variant
+    (case "denied" string)
+    (case "invalid-input" string)
+    (case "unavailable" string)
+    (case "timed-out" string)
+    (case "failed" string)))
+  (export $error "plugin-error" (type $error'))
+  (func $run (param "input" string) (result (result string (error $error)))
+    (canon lift (core func $i "run") (memory $i "memory") (realloc (func $i "cabi_realloc"))))
+  (export "run" (func $run)))
+"#
+    ))
+    .unwrap()
+}
+
+/// The memory limit holds for a store's memories together, and how many memories a
+/// run may create is capped; either way the result says `MemoryLimit`.
+#[tokio::test]
+async fn the_memory_limit_counts_every_memory_of_a_run() {
+    let a = Agent::start("memories", PolicyFile::default());
+    let limits = Limits {
+        memory_bytes: 16 << 20,
+        ..Limits::default()
+    };
+    let run = |name: &'static str, memories: usize, pages: u32| {
+        let plugin = a.plugin_of(
+            many_memories(memories, pages),
+            name,
+            World::Task,
+            Capabilities::default(),
+        );
+        let a = &a;
+        async move { a.run_with(name, &plugin, json!({}), limits).await }
+    };
+    // Within the limit together: it runs.
+    let r = run("fits", 4, 60).await;
+    assert_eq!(r.status, ResultStatus::Succeeded, "{r:#?}");
+    assert_eq!(r.output, Some(json!({})));
+
+    // Sixteen memories of 15 MiB, each under 16 MiB on its own.
+    let r = run("hog", 16, 240).await;
+    assert_eq!(r.status, ResultStatus::Failed, "{r:#?}");
+    let f = failure(&r);
+    assert_eq!(f.kind, FailureKind::MemoryLimit, "{f:?}");
+    assert!(
+        f.message.starts_with(
+            "plugin tried to grow memory past its 16777216 byte limit (all its memories and tables together)"
+        ),
+        "{f:?}"
+    );
+
+    // More memories than a run may have, however small: wasmtime's refusal, which the
+    // agent recognises by its text.
+    let r = run("many", crate::sandbox::limits::MAX_MEMORIES + 1, 1).await;
+    let f = failure(&r);
+    assert_eq!(f.kind, FailureKind::MemoryLimit, "{f:?}");
+    assert!(
+        f.message.starts_with(
+            "plugin needs more than a run may have (at most 64 instances, 16 memories and 64 tables): "
+        ) && f
+            .message
+            .contains("resource limit exceeded: memory count too high at 17"),
+        "{f:?}"
     );
 }

@@ -1,14 +1,14 @@
 //! Programs a plugin was granted, run for the `process` import.
 //!
 //! A program runs directly (no shell) with an environment of [`PATH`] plus what the
-//! request adds, `/` or the requested directory as its working directory, stdin closed,
-//! optionally as another user, and in a process group of its own. Its stdout and stderr
-//! are read concurrently, capped and counted, and, when asked, offered live to a
-//! [`LiveSink`]. Nothing it starts outlives the call: when the program exits, when the
-//! call times out, and when the call's future is dropped (the job's deadline drops the
-//! whole guest call), the group is killed with SIGKILL, and the child itself is killed on
-//! drop. A process that leaves the group (`setsid`) escapes this; that needs cgroups,
-//! which the agent does not use.
+//! request adds, `/` or the requested directory (with no symbolic link in its path) as
+//! its working directory, stdin closed, optionally as another user, and in a process
+//! group of its own. Its stdout and stderr are read concurrently, capped and counted,
+//! and, when asked, offered live to a [`LiveSink`]. Nothing it starts outlives the
+//! call: when the program exits, when the call times out, and when the call's future is
+//! dropped (the job's deadline drops the whole guest call), the group is killed with
+//! SIGKILL, and the child itself is killed on drop. A process that leaves the group
+//! (`setsid`) escapes this; that needs cgroups, which the agent does not use.
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -19,6 +19,8 @@ use drover_protocol::job::StreamName;
 use drover_protocol::manifest::is_clean_absolute;
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::sync::mpsc;
+
+use super::host_dir::HostDir;
 
 /// The `PATH` every program gets unless its request sets another.
 pub const PATH: &str = "/usr/bin:/bin";
@@ -275,13 +277,15 @@ pub fn check_env(env: &[(String, String)]) -> Result<(), ExecError> {
     Ok(())
 }
 
-/// Refuses a working directory that is not a clean absolute path of an existing
-/// directory (as the agent sees it).
-pub async fn check_working_dir(dir: &str) -> Result<(), ExecError> {
+/// Opens a working directory: a clean absolute path of an existing directory (as the
+/// agent sees it) with no symbolic link in it, resolved beneath `/` without following
+/// any (see [`super::host_dir`]): a command meant for one directory never runs in the
+/// one a link leads to. `None` for `/`, which needs no checking.
+pub async fn open_working_dir(dir: &str) -> Result<Option<HostDir>, ExecError> {
     // The default, which every host has: no trip through tokio's blocking pool (a
     // thread handoff each way) for the many commands that do not choose one.
     if dir == "/" {
-        return Ok(());
+        return Ok(None);
     }
     if !is_clean_absolute(dir) {
         return Err(ExecError::invalid(format!(
@@ -289,17 +293,14 @@ pub async fn check_working_dir(dir: &str) -> Result<(), ExecError> {
         )));
     }
     // Off the async workers: a directory on a hung network mount must not stall them.
-    match tokio::fs::metadata(dir).await {
-        Ok(m) if m.is_dir() => Ok(()),
-        Ok(_) => Err(ExecError::invalid(format!(
-            "working directory {dir} is not a directory"
-        ))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ExecError::invalid(format!(
-            "working directory {dir} does not exist on this host"
-        ))),
-        Err(e) => Err(ExecError::invalid(format!(
-            "working directory {dir} cannot be used: {e}"
-        ))),
+    let owned = dir.to_string();
+    match tokio::task::spawn_blocking(move || HostDir::open_no_follow(&owned)).await {
+        Ok(Ok(opened)) => Ok(Some(opened)),
+        Ok(Err(e)) => Err(ExecError::invalid(format!("working directory {e}"))),
+        Err(e) => Err(ExecError::new(
+            ExecErrorKind::Unavailable,
+            format!("working directory {dir} could not be checked: {e}"),
+        )),
     }
 }
 
@@ -380,18 +381,32 @@ pub async fn run(
     let path = &program.path;
     check_env(&program.env)?;
     let working_dir = program.working_dir.as_deref().unwrap_or("/");
-    check_working_dir(working_dir).await?;
+    // Held until the program has started: its handle is the working directory's name.
+    let opened = open_working_dir(working_dir).await?;
+    let switch = match &program.run_as {
+        Some(user) => needs_switch(effective_uid(), user)?,
+        None => false,
+    };
     let mut cmd = tokio::process::Command::new(path);
+    match &opened {
+        // The directory that was checked, by its handle: a link made after the check
+        // changes nothing.
+        Some(dir) if !switch => cmd.current_dir(dir.handle_path()),
+        // As another user the directory is entered by name after the switch, so that
+        // user's permissions apply to every component of it; the handle, opened as the
+        // agent, would skip those above the directory. It was checked just before:
+        // only a link made in between gets through.
+        _ => cmd.current_dir(working_dir),
+    };
     cmd.args(&program.args)
         .env_clear()
         .env("PATH", PATH)
-        .current_dir(working_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     if let Some(user) = &program.run_as {
-        if needs_switch(effective_uid(), user)? {
+        if switch {
             // std sets the group id, then, because no supplementary groups are given,
             // calls `setgroups(0, NULL)` before `setuid`: as root that clears them all,
             // so nothing of the agent's groups is left (std's `CommandExt::uid` docs and
@@ -414,6 +429,7 @@ pub async fn run(
             format!("program {path} could not be started: {e}"),
         )
     })?;
+    drop(opened);
     // Declared after `child`, so dropped before it: the group dies while the child is
     // still unreaped and its id cannot have been reused.
     let mut group = ProcessGroup(child.id());
@@ -668,6 +684,41 @@ mod tests {
             assert!(!e.message.contains("s3cret"), "a value leaked: {e:?}");
             assert_eq!(e.kind, ExecErrorKind::InvalidInput);
         }
+    }
+
+    #[tokio::test]
+    async fn a_working_directory_through_a_link_is_refused() {
+        // Canonical: a link above the test's own directory would be refused too.
+        let base = std::fs::canonicalize(std::env::temp_dir())
+            .unwrap()
+            .join(format!("drover-exec-cwd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(base.join("real/sub")).unwrap();
+        std::os::unix::fs::symlink(base.join("real"), base.join("link")).unwrap();
+        let in_dir = |dir: &std::path::Path| {
+            let mut p = prog("/bin/pwd", &[]);
+            p.working_dir = Some(dir.to_str().unwrap().to_string());
+            p
+        };
+        for dir in [base.join("link"), base.join("link/sub")] {
+            let e = run(&in_dir(&dir), Duration::from_secs(10), 100, None)
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind, ExecErrorKind::InvalidInput);
+            assert_eq!(
+                e.message,
+                format!(
+                    "working directory {} goes through a symbolic link, which is not followed; name the real directory",
+                    dir.display()
+                )
+            );
+        }
+        let real = base.join("real/sub");
+        let out = run(&in_dir(&real), Duration::from_secs(10), 100, None)
+            .await
+            .unwrap();
+        assert_eq!(out.stdout, format!("{}\n", real.display()).into_bytes());
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     #[tokio::test]

@@ -10,6 +10,8 @@
 //!   running.
 //! - [`host`]: the host interfaces plugins import, at both versions, and a run's state.
 //! - [`exec`]: granted programs, for the `process` interface.
+//! - [`host_dir`]: host directories a plugin or a job names, opened without following
+//!   links below what the operator wrote, and used through the open handle.
 //! - [`net`]: the socket check for granted addresses.
 //! - [`capped`]: capped stdout/stderr.
 //!
@@ -24,6 +26,7 @@ mod compat;
 pub mod engine;
 pub mod exec;
 pub mod host;
+pub mod host_dir;
 pub mod limits;
 pub mod net;
 mod worlds;
@@ -46,6 +49,7 @@ use self::capped::CappedPipe;
 use self::engine::Ticker;
 use self::exec::LiveSink;
 use self::host::Host;
+use self::host_dir::HostDir;
 use self::limits::{MemoryLimiter, returned_output_limit};
 
 /// Manifest signatures remembered as checked (a few per plugin version).
@@ -185,6 +189,9 @@ pub struct RunRequest<'a> {
 pub struct Grant {
     /// The granted capabilities (already intersected with policy).
     pub capabilities: Capabilities,
+    /// The granted read paths, already opened (see [`host_dir`]): the sandbox preopens
+    /// these, never `capabilities.read_paths` by name.
+    pub read_dirs: Vec<HostDir>,
     /// The limits.
     pub limits: Limits,
     /// Users granted programs may run as: the agent policy's `run_as`. Not part of
@@ -318,12 +325,17 @@ impl Sandbox {
         let input = worlds::Input::parse(plugin.world, input)?;
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(stdout.clone()).stderr(stderr.clone());
-        for path in &grant.capabilities.read_paths {
-            wasi.preopened_dir(path, path, FsPerms::ReadOnly)
+        // wasmtime-wasi opens the open directory again through its `/proc/self/fd`
+        // name: the path the manifest gave is not resolved a second time.
+        for dir in &grant.read_dirs {
+            wasi.preopened_dir(dir.handle_path(), dir.path(), FsPerms::ReadOnly)
                 .map_err(|e| {
                     Failure::new(
                         FailureKind::AgentError,
-                        format!("granted path {path} cannot be opened on this host: {e}"),
+                        format!(
+                            "granted path {} cannot be opened on this host (through /proc/self/fd): {e}",
+                            dir.path()
+                        ),
                     )
                 })?;
         }
@@ -363,12 +375,25 @@ impl Sandbox {
                 )
             }),
             Ok(Ok(returned)) => returned,
+            // Instantiating counts too: a component's memories and tables are created
+            // at their initial sizes against the same limit.
             Ok(Err(trap)) => Err(if mem_hit.load(Ordering::Relaxed) {
                 Failure::new(
                     FailureKind::MemoryLimit,
                     format!(
-                        "plugin tried to grow memory past its {} byte limit and stopped: {}",
+                        "plugin tried to grow memory past its {} byte limit (all its memories and tables together) and stopped: {}",
                         grant.limits.memory_bytes,
+                        first_line(&trap)
+                    ),
+                )
+            } else if limits::is_count_limit(&trap) {
+                Failure::new(
+                    FailureKind::MemoryLimit,
+                    format!(
+                        "plugin needs more than a run may have (at most {} instances, {} memories and {} tables): {}",
+                        limits::MAX_INSTANCES,
+                        limits::MAX_MEMORIES,
+                        limits::MAX_TABLES,
                         first_line(&trap)
                     ),
                 )

@@ -448,6 +448,11 @@ impl Agent {
         false
     }
 
+    /// The process id of the running agent.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the agent is running").id()
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))

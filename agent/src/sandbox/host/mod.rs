@@ -132,6 +132,7 @@ impl Host {
                 parameters: granted.iter().map(|s| s.to_string()).collect(),
                 ..Capabilities::default()
             },
+            read_dirs: Vec::new(),
             limits: Limits {
                 timeout_ms: 30_000,
                 memory_bytes: 1 << 20,
