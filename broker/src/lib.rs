@@ -1,7 +1,8 @@
 //! `drover`: the server side and the operator CLI.
 //!
 //! The core, bottom up:
-//! - [`clock`], [`paths`], [`tokens`]: time, the data directory, random tokens.
+//! - [`clock`], [`paths`], [`tokens`], [`rate`]: time, the data directory, random
+//!   tokens, allowances per agent.
 //! - [`store`]: the database and how each capability's tables evolve.
 //! - [`events`]: the durable event log capabilities react to.
 //! - [`mqtt`]: the embedded broker, external brokers' files, publishing.
@@ -31,6 +32,7 @@ pub mod jobs;
 pub mod mqtt;
 pub mod paths;
 pub mod plugins;
+pub mod rate;
 pub mod run_command;
 pub mod server;
 pub mod store;

@@ -289,6 +289,19 @@ fn a_forged_envelope_is_refused_and_reported() {
     publish_misbehave(&server);
     let cfg = server.add_agent("target-1", &[]);
     mosq.add_user("target-1", &toml_value(&cfg, "password"));
+    // The test's own job is never submitted, so the server would serve its plugin to no
+    // one (a blob goes only to an agent with a job of it in flight): the agent has it.
+    let sha = server.json(&["plugin", "list"])[0]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let blobs = server.dir.path().join("agent-target-1/blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::copy(
+        plugin("drover-plugin-misbehave"),
+        blobs.join(format!("{sha}.wasm")),
+    )
+    .unwrap();
     let agent = Agent::start("target-1", &cfg, server.dir.path());
     server.wait_online("target-1");
 

@@ -41,6 +41,8 @@ pub enum ErrorCode {
     /// A key set offered as the next one is not signed by enough current roots, or is
     /// not newer.
     KeysetRefused,
+    /// The request was not answered in time (its body came too slowly, say).
+    RequestTimeout,
     /// The server failed; the message says where.
     Internal,
 }
@@ -60,6 +62,7 @@ impl ErrorCode {
             | ErrorCode::NoTargets
             | ErrorCode::AgentDeregistered => StatusCode::NOT_FOUND,
             ErrorCode::Conflict => StatusCode::CONFLICT,
+            ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

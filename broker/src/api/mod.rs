@@ -4,7 +4,8 @@
 //!
 //! Routes are registered together with their OpenAPI description (utoipa), so the
 //! document served at `/api/v1/openapi.json` covers every route there is. Errors are one
-//! [`error::ApiError`] with a stable code.
+//! [`error::ApiError`] with a stable code. [`listener`] serves it within a connection
+//! budget and timeouts.
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -19,11 +20,16 @@ use utoipa_axum::router::OpenApiRouter;
 use crate::capability::Capability;
 
 pub mod error;
+pub mod listener;
 
 use error::{ApiError, ErrorBody, ErrorCode};
 
 /// The largest request body: a plugin upload, base64.
 const MAX_BODY: usize = 256 << 20;
+
+/// How long a request may take to be answered (its response headers; a streamed body
+/// may last longer). The longest wait a route offers is a minute (`wait_ms`).
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
 
 /// Where the document is served.
 pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
@@ -66,8 +72,25 @@ pub fn router(token: String, capabilities: &[&dyn Capability]) -> (Router, OpenA
         )
         .merge(public)
         .merge(operator.layer(middleware::from_fn_with_state(token, require_token)))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY));
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(request_timeout));
     (app, doc)
+}
+
+/// Answers a request that is not answered in [`REQUEST_TIMEOUT`] (a body sent slowly,
+/// say) with a timeout, which closes what it held.
+async fn request_timeout(req: Request, next: Next) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::new(
+            ErrorCode::RequestTimeout,
+            format!(
+                "the request was not answered within {} s",
+                REQUEST_TIMEOUT.as_secs()
+            ),
+        )
+        .into_response(),
+    }
 }
 
 async fn require_token(State(token): State<String>, req: Request, next: Next) -> Response {
@@ -85,5 +108,23 @@ async fn require_token(State(token): State<String>, req: Request, next: Next) ->
         return ApiError::new(ErrorCode::Unauthorized, "missing or wrong operator token")
             .into_response();
     }
-    next.run(req).await
+    // An operator's small body is read whole first: a route that takes no body would
+    // otherwise answer before the body's bytes arrived, and hyper closes a connection
+    // whose request body it cannot drain, under a client about to reuse it.
+    let small = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .is_some_and(|n| n > 0 && n <= SMALL_BODY);
+    if !small {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    match axum::body::to_bytes(body, SMALL_BODY).await {
+        Ok(bytes) => next.run(Request::from_parts(parts, bytes.into())).await,
+        Err(e) => ApiError::bad(format!("the request body could not be read: {e}")).into_response(),
+    }
 }
+
+/// Operators' request bodies up to this size are read whole before they are routed.
+const SMALL_BODY: usize = 64 << 10;

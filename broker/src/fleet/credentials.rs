@@ -44,6 +44,23 @@ impl BrokerAuth {
 
     /// Creates or replaces the broker credential of agent `id`; returns the password.
     pub async fn create_agent(db: &Db, id: &str, now: u64) -> anyhow::Result<String> {
+        let (password, c) = BrokerAuth::mint(id)?;
+        store::put_broker_user(
+            db,
+            id,
+            "agent",
+            &c.salt,
+            &c.hash,
+            Some(&c.mosquitto_hash),
+            now,
+        )
+        .await?;
+        Ok(password)
+    }
+
+    /// A new broker credential for agent `id`, not stored yet: the password, and what
+    /// the store keeps of it.
+    pub fn mint(id: &str) -> anyhow::Result<(String, store::NewCredential)> {
         anyhow::ensure!(
             drover_protocol::topics::is_valid_agent_id(id),
             "agent id {id:?} is invalid: use 1-64 characters of A-Z a-z 0-9 . _ -"
@@ -57,17 +74,12 @@ impl BrokerAuth {
         // The same password as Mosquitto's hash, for `drover broker acl`: the store keeps
         // no way back to the password.
         let mosquitto_hash = mosquitto::password_hash(&password)?;
-        store::put_broker_user(
-            db,
-            id,
-            "agent",
-            &salt,
-            &hash(&salt, password.as_bytes()),
-            Some(&mosquitto_hash),
-            now,
-        )
-        .await?;
-        Ok(password)
+        let credential = store::NewCredential {
+            salt: salt.to_vec(),
+            hash: hash(&salt, password.as_bytes()),
+            mosquitto_hash,
+        };
+        Ok((password, credential))
     }
 }
 

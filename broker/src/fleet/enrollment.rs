@@ -129,24 +129,19 @@ pub async fn enroll(
             "agent {agent_id} was deregistered"
         )));
     }
-    // An open activation cannot take over an enrolled id; a bound one was made for it.
-    if act.agent_id.is_none() && store::agent_keys(db, &agent_id).await?.is_some() {
-        return Err(EnrollError::Conflict(format!(
-            "agent id {agent_id} is already enrolled"
-        )));
-    }
     let sealing: [u8; 32] = hex::decode(&req.sealing_key)
         .ok()
         .and_then(|v| v.try_into().ok())
         .ok_or_else(|| EnrollError::BadRequest("sealing key must be 32 bytes of hex".into()))?;
-    if !store::use_activation(db, &act.id).await? {
-        return Err(EnrollError::Unusable("activation has no uses left".into()));
-    }
-    // A bound activation comes with a credential minted beside it.
-    let password = if act.agent_id.is_some() && store::broker_user(db, &agent_id).await?.is_some() {
-        None
+    // An open activation is for new ids only: one the server knows in any way (added by
+    // an operator and not enrolled yet, enrolled, or seen) is not its to give, and its
+    // credential is never replaced. A bound activation was made for its id, which keeps
+    // the credential minted beside it.
+    let open = act.agent_id.is_none();
+    let minted = if open || store::broker_user(db, &agent_id).await?.is_none() {
+        Some(BrokerAuth::mint(&agent_id)?)
     } else {
-        Some(BrokerAuth::create_agent(db, &agent_id, now).await?)
+        None
     };
     let keys = AgentKeys {
         agent_id: agent_id.clone(),
@@ -154,8 +149,22 @@ pub async fn enroll(
         sealing_key: hex::encode(sealing),
         activation_id: act.id.clone(),
     };
-    let event = store::put_agent_keys(db, events, &keys, &act.tags, now).await?;
-    events.committed(event);
+    let credential = minted.as_ref().map(|(_, c)| c);
+    let done = store::enroll(db, events, &keys, &act.tags, open, credential, now).await?;
+    let password = match done {
+        store::Enrolled::Known => {
+            return Err(EnrollError::Conflict(format!(
+                "agent id {agent_id} is already known to the server: an open activation enrolls new ids only"
+            )));
+        }
+        store::Enrolled::UsedUp => {
+            return Err(EnrollError::Unusable("activation has no uses left".into()));
+        }
+        store::Enrolled::Done { event, credential } => {
+            events.committed(event);
+            minted.filter(|_| credential).map(|(password, _)| password)
+        }
+    };
     let ks = keyset.unverified().map_err(anyhow::Error::from)?;
     Ok(EnrollResponse {
         agent_id: agent_id.clone(),

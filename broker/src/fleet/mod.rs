@@ -8,10 +8,12 @@
 //! - [`targets`]: which agents a job's targets name.
 //! - [`lifecycle`]: the events the fleet appends to the log (enrolled, online, offline,
 //!   deregistered).
+//! - [`agent_events`]: how much of what agents send is recorded in their event log.
 //! - [`store`], [`types`], [`routes`], [`cli`]: its tables, API types, routes and CLI
 //!   groups (`drover agents`, `drover activation`).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use drover_protocol::signed::Signable;
@@ -22,9 +24,11 @@ use crate::capability::Capability;
 use crate::clock::Clock;
 use crate::events::EventLog;
 use crate::mqtt::broker::BrokerAccess;
+use crate::rate::Take;
 use crate::store::Db;
 use crate::trust::Trust;
 
+pub mod agent_events;
 pub mod cli;
 pub mod credentials;
 pub mod enrollment;
@@ -35,6 +39,9 @@ pub mod routes;
 pub mod store;
 pub mod targets;
 pub mod types;
+
+#[cfg(test)]
+mod tests;
 
 pub use lifecycle::Lifecycle;
 pub use types::Agent;
@@ -52,6 +59,8 @@ struct Shared {
     broker: Option<BrokerAccess>,
     /// The broker URL enrolling agents are told to dial.
     broker_url: String,
+    /// The per-agent event log's allowances.
+    intake: agent_events::Intake,
 }
 
 /// The fleet's handle; clones share it.
@@ -107,6 +116,7 @@ impl Fleet {
                 clock: p.clock,
                 broker: p.broker,
                 broker_url: p.broker_url,
+                intake: agent_events::Intake::default(),
             }),
         }
     }
@@ -153,10 +163,47 @@ impl Fleet {
         store::touch(self.db(), agent, self.now()).await
     }
 
-    /// Records something an agent reported outside any job (`drover agents events`).
+    /// Records something an agent reported outside any job (`drover agents events`),
+    /// within the agent's allowance (see [`agent_events`]).
     pub async fn record(&self, agent: &str, kind: &str, message: &str) {
-        if let Err(e) = store::add_agent_event(self.db(), agent, kind, message, self.now()).await {
-            tracing::error!(agent.id = %agent, error = %format!("{e:#}"), "could not record an agent event");
+        let now = self.now();
+        match self.shared.intake.admit(agent, now) {
+            Take::Granted {
+                refused_before: suppressed,
+            } => {
+                if suppressed > 0 {
+                    let note = format!(
+                        "{suppressed} events were not recorded before this one: more than {} at once, then more than one a second",
+                        agent_events::BURST
+                    );
+                    self.write_event(agent, "dropped", &note, now).await;
+                }
+                self.write_event(agent, kind, message, now).await;
+            }
+            Take::Refused { first: true } => {
+                let total = self.shared.intake.stats.suppressed.load(Ordering::Relaxed);
+                tracing::warn!(agent.id = %agent, suppressed_total = total, "agent events over the rate: counted, not recorded");
+                let note = format!(
+                    "more than {} events at once: from now on they are counted, not recorded, until they come at most one a second",
+                    agent_events::BURST
+                );
+                self.write_event(agent, "dropped", &note, now).await;
+            }
+            Take::Refused { first: false } => {}
+        }
+    }
+
+    async fn write_event(&self, agent: &str, kind: &str, message: &str, now: u64) {
+        match store::add_agent_event(self.db(), agent, kind, message, now).await {
+            Ok(0) => {}
+            Ok(n) => {
+                let stats = &self.shared.intake.stats;
+                let total = stats.deleted.fetch_add(n, Ordering::Relaxed) + n;
+                tracing::info!(agent.id = %agent, deleted = n, deleted_total = total, "older agent events deleted");
+            }
+            Err(e) => {
+                tracing::error!(agent.id = %agent, error = %format!("{e:#}"), "could not record an agent event")
+            }
         }
     }
 
@@ -199,6 +246,23 @@ impl Fleet {
             embedded_broker: self.shared.broker.is_some(),
             disconnected,
         }))
+    }
+
+    /// Changes agent `id`'s tags (removes, then sets); returns the agent as it is then,
+    /// or None if the server knows no agent by that id.
+    pub async fn retag(
+        &self,
+        id: &str,
+        change: &types::TagChange,
+    ) -> anyhow::Result<Option<Agent>> {
+        if store::retag(self.db(), id, &change.set, &change.remove)
+            .await?
+            .is_none()
+        {
+            return Ok(None);
+        }
+        tracing::info!(agent.id = %id, "agent tags changed");
+        store::agent(self.db(), id).await
     }
 
     /// Mints (replacing) agent `id`'s broker credential; returns it.

@@ -1,11 +1,50 @@
 //! What agents say about themselves: hello on every connection, online/offline status
 //! (the offline one often as their last will), and signed heartbeats.
+//!
+//! A hello and a heartbeat carry the time the agent signed them, and are taken only if
+//! that is after the last one taken from the agent (kept in the store) and near the
+//! server's clock: a broker that saved one cannot play it again to show a dead agent
+//! online or to bring back what it once reported.
 
 use drover_protocol::agent::{Hello, Presence};
 use drover_protocol::enroll::Heartbeat;
 
 use super::identity::refusal;
+use super::store::Fresh;
 use super::{Fleet, store};
+
+/// How far the time a hello or heartbeat was signed may be from the server's clock.
+pub const MAX_SKEW_MS: u64 = 5 * 60_000;
+
+/// Refuses a message signed at `at_ms` that is too far from `now` to be fresh.
+fn near(what: &str, at_ms: u64, now: u64) -> anyhow::Result<()> {
+    let skew = at_ms.abs_diff(now);
+    if skew > MAX_SKEW_MS {
+        return Err(refusal(
+            "replayed",
+            format!(
+                "{what} signed at {at_ms} is {} s {} the server's clock (at most {} s): a replay, or a clock to set right",
+                skew / 1000,
+                if at_ms < now { "behind" } else { "ahead of" },
+                MAX_SKEW_MS / 1000
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a message the store found not newer than the last one taken.
+fn newer<T>(what: &str, at_ms: u64, fresh: Fresh<T>) -> anyhow::Result<T> {
+    match fresh {
+        Fresh::Taken(v) => Ok(v),
+        Fresh::NotNewer { last_ms } => Err(refusal(
+            "replayed",
+            format!(
+                "{what} signed at {at_ms} is not newer than the last one taken (signed at {last_ms})"
+            ),
+        )),
+    }
+}
 
 impl Fleet {
     /// An agent's status message. Unsigned: presence only ever changes a status flag.
@@ -38,7 +77,10 @@ impl Fleet {
             "hello claims to be agent {:?}",
             hello.agent_id
         );
-        let event = store::record_hello(self.db(), &self.shared.events, &hello, self.now()).await?;
+        let now = self.now();
+        near("hello", hello.sent_at_ms, now)?;
+        let recorded = store::record_hello(self.db(), &self.shared.events, &hello, now).await?;
+        let event = newer("hello", hello.sent_at_ms, recorded)?;
         self.shared.events.committed(event);
         let current = self.shared.trust.version();
         if hello.keyset_version < current {
@@ -58,6 +100,9 @@ impl Fleet {
             "heartbeat claims to be agent {:?}",
             hb.agent_id
         );
-        self.touch(agent).await
+        let now = self.now();
+        near("heartbeat", hb.at_ms, now)?;
+        let recorded = store::record_heartbeat(self.db(), agent, hb.at_ms, now).await?;
+        newer("heartbeat", hb.at_ms, recorded)
     }
 }

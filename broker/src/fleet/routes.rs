@@ -14,7 +14,7 @@ use super::Fleet;
 use super::enrollment::EnrollError;
 use super::types::{
     Activation, ActivationCreated, ActivationRequest, Agent, AgentEvent, AgentEventQuery,
-    Credentials, Deregistered, KeysetRotated, Revoked,
+    Credentials, Deregistered, KeysetRotated, Revoked, TagChange,
 };
 use crate::api::error::{ApiError, ErrorBody, ErrorCode, Json, Query};
 use crate::trust::AdoptError;
@@ -25,6 +25,7 @@ pub fn routes(fleet: Fleet) -> OpenApiRouter {
         .routes(routes!(list_agents))
         .routes(routes!(create_credentials))
         .routes(routes!(deregister_agent))
+        .routes(routes!(tag_agent))
         .routes(routes!(list_agent_events))
         .routes(routes!(get_keyset, rotate_keyset))
         .routes(routes!(list_activations, create_activation))
@@ -108,6 +109,35 @@ async fn deregister_agent(
         )
         .await;
     Ok(Json(d))
+}
+
+/// Changes an agent's tags, which jobs target by: removes `remove`, then sets `set`.
+/// What the agent says of itself (its labels) never changes them.
+#[utoipa::path(post, path = "/api/v1/agents/{id}/tags", tag = "fleet",
+    params(("id" = String, Path, description = "The agent's id")),
+    request_body = TagChange,
+    responses(
+        (status = 200, description = "The agent with its new tags", body = Agent),
+        (status = 400, description = "A tag is invalid", body = ErrorBody),
+        (status = 404, description = "No such agent", body = ErrorBody),
+    ))]
+async fn tag_agent(
+    State(fleet): State<Fleet>,
+    Path(id): Path<String>,
+    Json(change): Json<TagChange>,
+) -> Result<Json<Agent>, ApiError> {
+    change.check().map_err(ApiError::bad)?;
+    let agent = fleet
+        .retag(&id, &change)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::NoSuchAgent, format!("no agent {id:?}")))?;
+    let mut detail: Vec<String> = change.remove.iter().map(|k| format!("-{k}")).collect();
+    detail.extend(change.set.iter().map(|(k, v)| format!("{k}={v}")));
+    fleet
+        .audit()
+        .record("operator", "agent.tag", &id, "ok", &detail.join(" "))
+        .await;
+    Ok(Json(agent))
 }
 
 /// What agents reported outside any job: refusals, forgeries, unmatched results.

@@ -1,6 +1,8 @@
 //! SQL of the fleet: `agents`, `agent_keys`, `broker_users`, `activations` and
 //! `agent_events`.
 
+use std::collections::BTreeMap;
+
 use drover_protocol::agent::Hello;
 use drover_protocol::keys::PublicKey;
 use rusqlite::{OptionalExtension as _, params};
@@ -19,8 +21,23 @@ pub const SCHEMA: Schema = Schema {
             "V2__agent_events",
             include_str!("migrations/V2__agent_events.sql"),
         ),
+        (
+            "V3__server_tags_and_replay_marks",
+            include_str!("migrations/V3__server_tags_and_replay_marks.sql"),
+        ),
     ],
 };
+
+/// The most events kept per agent in `agent_events`: older ones are dropped, and the log
+/// says so.
+pub const EVENTS_KEPT_PER_AGENT: u32 = 1000;
+/// How many of an agent's oldest events go at once when it has too many: cutting in
+/// steps costs one notice per step, not one per event.
+const EVENTS_CUT: u32 = 100;
+/// The most events kept across agents (ids a broker made up included); checked every
+/// [`EVENTS_TOTAL_EVERY`] events.
+const EVENTS_KEPT_IN_ALL: u32 = 100_000;
+const EVENTS_TOTAL_EVERY: i64 = 1024;
 
 /// Notes that agent ?1 was heard from at ?2.
 const TOUCH: &str = "UPDATE agents SET last_seen_ms = ?2 WHERE id = ?1";
@@ -52,25 +69,79 @@ pub struct AgentKeys {
 /// An activation with its salt and code hash.
 pub type StoredActivation = (Activation, Vec<u8>, Vec<u8>);
 
+/// What a signed hello or heartbeat did: taken, or refused because the agent signed a
+/// newer one before (a replay).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fresh<T> {
+    /// Taken.
+    Taken(T),
+    /// Not newer than the last one taken, which was signed at `last_ms`.
+    NotNewer {
+        /// When the last one taken was signed, the agent's Unix ms.
+        last_ms: u64,
+    },
+}
+
+/// A broker credential minted for an agent, without its password.
+#[derive(Debug, Clone)]
+pub struct NewCredential {
+    /// Random salt.
+    pub salt: Vec<u8>,
+    /// SHA-256 of salt and password.
+    pub hash: Vec<u8>,
+    /// The same password as a Mosquitto password-file hash.
+    pub mosquitto_hash: String,
+}
+
+/// What enrolling did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enrolled {
+    /// Enrolled, with the id of the `enrolled` event, and whether the credential offered
+    /// was stored (it is not when the agent already had one).
+    Done {
+        /// The `enrolled` event.
+        event: i64,
+        /// Whether the new credential was stored.
+        credential: bool,
+    },
+    /// Refused: an open activation names an id the server already knows.
+    Known,
+    /// Refused: the activation has no uses left.
+    UsedUp,
+}
+
 fn append(tx: &Tx<'_>, events: &EventLog, e: &Lifecycle, now: u64) -> anyhow::Result<i64> {
     events.append_in(tx, e.kind(), e, now)
 }
 
 // ---- agents ----
 
-/// Records an agent's hello: it is online. Returns the `online` event's id.
+/// Records an agent's hello, if it was signed after the last one taken: it is online,
+/// with what it says of itself (its labels, not its tags). Returns the `online` event's
+/// id.
 pub async fn record_hello(
     db: &Db,
     events: &EventLog,
     hello: &Hello,
     now: u64,
-) -> anyhow::Result<i64> {
+) -> anyhow::Result<Fresh<i64>> {
     let tx = db.begin().await?;
+    let last: Option<Option<i64>> = tx
+        .prepare_cached("SELECT hello_sent_ms FROM agents WHERE id = ?1")?
+        .query_row(params![hello.agent_id], |r| r.get(0))
+        .optional()?;
+    if let Some(Some(last)) = last
+        && to_u64(last) >= hello.sent_at_ms
+    {
+        return Ok(Fresh::NotNewer {
+            last_ms: to_u64(last),
+        });
+    }
     tx.prepare_cached(
-        "INSERT INTO agents (id, hostname, os, os_version, arch, agent_version, tags, online, first_seen_ms, last_seen_ms, status_changed_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?8, ?8)
+        "INSERT INTO agents (id, hostname, os, os_version, arch, agent_version, labels, online, first_seen_ms, last_seen_ms, status_changed_ms, hello_sent_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?8, ?8, ?9)
          ON CONFLICT(id) DO UPDATE SET hostname = ?2, os = ?3, os_version = ?4, arch = ?5,
-            agent_version = ?6, tags = ?7, last_seen_ms = ?8,
+            agent_version = ?6, labels = ?7, last_seen_ms = ?8, hello_sent_ms = ?9,
             status_changed_ms = CASE WHEN online = 0 THEN ?8 ELSE status_changed_ms END,
             online = 1",
     )?
@@ -82,7 +153,8 @@ pub async fn record_hello(
         hello.arch,
         hello.agent_version,
         serde_json::to_string(&hello.tags)?,
-        to_i64(now)
+        to_i64(now),
+        to_i64(hello.sent_at_ms)
     ])?;
     let id = append(
         &tx,
@@ -95,7 +167,33 @@ pub async fn record_hello(
         now,
     )?;
     tx.commit()?;
-    Ok(id)
+    Ok(Fresh::Taken(id))
+}
+
+/// Records a heartbeat signed at `at_ms`, if that is after the last one taken: the agent
+/// was heard from.
+pub async fn record_heartbeat(
+    db: &Db,
+    id: &str,
+    at_ms: u64,
+    now: u64,
+) -> anyhow::Result<Fresh<()>> {
+    let tx = db.begin().await?;
+    let last: Option<Option<i64>> = tx
+        .prepare_cached("SELECT heartbeat_at_ms FROM agents WHERE id = ?1")?
+        .query_row(params![id], |r| r.get(0))
+        .optional()?;
+    if let Some(Some(last)) = last
+        && to_u64(last) >= at_ms
+    {
+        return Ok(Fresh::NotNewer {
+            last_ms: to_u64(last),
+        });
+    }
+    tx.prepare_cached("UPDATE agents SET last_seen_ms = ?2, heartbeat_at_ms = ?3 WHERE id = ?1")?
+        .execute(params![id, to_i64(now), to_i64(at_ms)])?;
+    tx.commit()?;
+    Ok(Fresh::Taken(()))
 }
 
 /// Records presence; unknown agents are created with what little is known. Going
@@ -149,30 +247,70 @@ pub fn touch_in(tx: &Tx<'_>, id: &str, now: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+const AGENT_COLUMNS: &str = "id, hostname, os, os_version, arch, agent_version, tags, online, first_seen_ms, last_seen_ms, status_changed_ms, deregistered_ms, labels";
+
+fn agent_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Agent> {
+    Ok(Agent {
+        id: r.get(0)?,
+        hostname: r.get(1)?,
+        os: r.get(2)?,
+        os_version: r.get(3)?,
+        arch: r.get(4)?,
+        agent_version: r.get(5)?,
+        tags: serde_json::from_str(&r.get::<_, String>(6)?).unwrap_or_default(),
+        online: r.get(7)?,
+        first_seen_ms: to_u64(r.get(8)?),
+        last_seen_ms: to_u64(r.get(9)?),
+        status_changed_ms: to_u64(r.get(10)?),
+        deregistered_ms: opt_u64(r.get(11)?),
+        labels: serde_json::from_str(&r.get::<_, String>(12)?).unwrap_or_default(),
+    })
+}
+
 /// All agents, by id.
 pub async fn agents(db: &Db) -> anyhow::Result<Vec<Agent>> {
     let conn = db.conn().await;
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, hostname, os, os_version, arch, agent_version, tags, online, first_seen_ms, last_seen_ms, status_changed_ms, deregistered_ms
-         FROM agents ORDER BY id",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok(Agent {
-            id: r.get(0)?,
-            hostname: r.get(1)?,
-            os: r.get(2)?,
-            os_version: r.get(3)?,
-            arch: r.get(4)?,
-            agent_version: r.get(5)?,
-            tags: serde_json::from_str(&r.get::<_, String>(6)?).unwrap_or_default(),
-            online: r.get(7)?,
-            first_seen_ms: to_u64(r.get(8)?),
-            last_seen_ms: to_u64(r.get(9)?),
-            status_changed_ms: to_u64(r.get(10)?),
-            deregistered_ms: opt_u64(r.get(11)?),
-        })
-    })?;
+    let mut stmt =
+        conn.prepare_cached(&format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY id"))?;
+    let rows = stmt.query_map([], agent_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// One agent.
+pub async fn agent(db: &Db, id: &str) -> anyhow::Result<Option<Agent>> {
+    Ok(db
+        .conn()
+        .await
+        .prepare_cached(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?1"))?
+        .query_row(params![id], agent_row)
+        .optional()?)
+}
+
+/// Sets and removes tags of agent `id`; returns its tags then, or None if the server
+/// knows no agent by that id.
+pub async fn retag(
+    db: &Db,
+    id: &str,
+    set: &BTreeMap<String, String>,
+    remove: &[String],
+) -> anyhow::Result<Option<BTreeMap<String, String>>> {
+    let tx = db.begin().await?;
+    let Some(text) = tx
+        .prepare_cached("SELECT tags FROM agents WHERE id = ?1")?
+        .query_row(params![id], |r| r.get::<_, String>(0))
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let mut tags: BTreeMap<String, String> = serde_json::from_str(&text).unwrap_or_default();
+    for k in remove {
+        tags.remove(k);
+    }
+    tags.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+    tx.prepare_cached("UPDATE agents SET tags = ?2 WHERE id = ?1")?
+        .execute(params![id, serde_json::to_string(&tags)?])?;
+    tx.commit()?;
+    Ok(Some(tags))
 }
 
 /// Deregisters an agent: deletes its broker credential and marks it deregistered (and
@@ -309,20 +447,57 @@ pub async fn agent_broker_logins(db: &Db) -> anyhow::Result<Vec<(String, Option<
 // ---- agent events ----
 
 /// Records something an agent reported outside any job, or a refusal of what it sent.
+/// Each agent keeps its newest [`EVENTS_KEPT_PER_AGENT`] events: when it has more, the
+/// oldest are deleted and a `dropped` event says how many. Returns how many events were
+/// deleted.
 pub async fn add_agent_event(
     db: &Db,
     agent_id: &str,
     kind: &str,
     message: &str,
     now: u64,
-) -> anyhow::Result<()> {
-    db.conn()
-        .await
-        .prepare_cached(
-            "INSERT INTO agent_events (at_ms, agent_id, kind, message) VALUES (?1, ?2, ?3, ?4)",
-        )?
+) -> anyhow::Result<u64> {
+    const INSERT: &str =
+        "INSERT INTO agent_events (at_ms, agent_id, kind, message) VALUES (?1, ?2, ?3, ?4)";
+    // The id of the agent's event ?2 places before its newest (0: the newest).
+    const NTH_NEWEST: &str =
+        "SELECT id FROM agent_events WHERE agent_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2";
+    let tx = db.begin().await?;
+    tx.prepare_cached(INSERT)?
         .execute(params![to_i64(now), agent_id, kind, message])?;
-    Ok(())
+    let id = tx.last_insert_rowid();
+    let mut deleted = 0u64;
+    let over = tx
+        .prepare_cached(NTH_NEWEST)?
+        .query_row(params![agent_id, EVENTS_KEPT_PER_AGENT], |r| {
+            r.get::<_, i64>(0)
+        })
+        .optional()?;
+    if over.is_some() {
+        // Down to the bound less a step: the newest, and the notice.
+        let keep = EVENTS_KEPT_PER_AGENT - EVENTS_CUT - 1;
+        let cut: i64 = tx
+            .prepare_cached(NTH_NEWEST)?
+            .query_row(params![agent_id, keep - 1], |r| r.get(0))?;
+        let n = tx
+            .prepare_cached("DELETE FROM agent_events WHERE agent_id = ?1 AND id < ?2")?
+            .execute(params![agent_id, cut])? as u64;
+        deleted += n;
+        let notice = format!(
+            "{n} older events of agent {agent_id} were dropped: the log keeps the newest {EVENTS_KEPT_PER_AGENT} of each agent"
+        );
+        tx.prepare_cached(INSERT)?
+            .execute(params![to_i64(now), agent_id, "dropped", notice])?;
+    }
+    if id % EVENTS_TOTAL_EVERY == 0 {
+        deleted += tx
+            .prepare_cached(
+                "DELETE FROM agent_events WHERE id < (SELECT id FROM agent_events ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+            )?
+            .execute(params![EVENTS_KEPT_IN_ALL])? as u64;
+    }
+    tx.commit()?;
+    Ok(deleted)
 }
 
 /// Agent events, newest last; optionally for one agent.
@@ -429,24 +604,28 @@ pub async fn revoke_activation(db: &Db, id: &str, now: u64) -> anyhow::Result<bo
     )? > 0)
 }
 
-/// Uses an activation once, if it still has uses; false if it has none left.
-pub async fn use_activation(db: &Db, id: &str) -> anyhow::Result<bool> {
-    Ok(db.conn().await.execute(
-        "UPDATE activations SET uses = uses + 1 WHERE id = ?1 AND uses < max_uses",
-        params![id],
-    )? > 0)
-}
-
 /// Records an agent's enrolled keys (replacing earlier ones), with an `enrolled` event;
 /// returns the event's id.
 pub async fn put_agent_keys(
     db: &Db,
     events: &EventLog,
     k: &AgentKeys,
-    tags: &std::collections::BTreeMap<String, String>,
+    tags: &BTreeMap<String, String>,
     now: u64,
 ) -> anyhow::Result<i64> {
     let tx = db.begin().await?;
+    let event = put_keys_in(&tx, events, k, tags, now)?;
+    tx.commit()?;
+    Ok(event)
+}
+
+fn put_keys_in(
+    tx: &Tx<'_>,
+    events: &EventLog,
+    k: &AgentKeys,
+    tags: &BTreeMap<String, String>,
+    now: u64,
+) -> anyhow::Result<i64> {
     tx.execute(
         "INSERT INTO agent_keys (agent_id, signing_key, sealing_key, activation_id, enrolled_ms) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT(agent_id) DO UPDATE SET signing_key = ?2, sealing_key = ?3, activation_id = ?4, enrolled_ms = ?5",
@@ -457,9 +636,63 @@ pub async fn put_agent_keys(
         activation_id: k.activation_id.clone(),
         tags: tags.clone(),
     };
-    let event = append(&tx, events, &e, now)?;
+    append(tx, events, &e, now)
+}
+
+/// Enrolls an agent in one transaction: uses the activation once, stores `credential`
+/// unless the agent has one, stores its keys (replacing earlier ones) and its tags from
+/// the activation, and appends the `enrolled` event. With an `open` activation (bound to
+/// no id) an id the server knows in any way (an agent, a broker credential, keys) is
+/// refused, and nothing is written.
+pub async fn enroll(
+    db: &Db,
+    events: &EventLog,
+    k: &AgentKeys,
+    tags: &BTreeMap<String, String>,
+    open: bool,
+    credential: Option<&NewCredential>,
+    now: u64,
+) -> anyhow::Result<Enrolled> {
+    let tx = db.begin().await?;
+    if open {
+        let known: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM agents WHERE id = ?1)
+                 OR EXISTS (SELECT 1 FROM broker_users WHERE username = ?1)
+                 OR EXISTS (SELECT 1 FROM agent_keys WHERE agent_id = ?1)",
+            params![k.agent_id],
+            |r| r.get(0),
+        )?;
+        if known {
+            return Ok(Enrolled::Known);
+        }
+    }
+    let used = tx.execute(
+        "UPDATE activations SET uses = uses + 1 WHERE id = ?1 AND uses < max_uses",
+        params![k.activation_id],
+    )?;
+    if used == 0 {
+        return Ok(Enrolled::UsedUp);
+    }
+    // Never a replacement: a credential the agent has stays its own.
+    let credential = match credential {
+        Some(c) => {
+            tx.execute(
+                "INSERT INTO broker_users (username, role, salt, hash, created_ms, mosquitto_hash) VALUES (?1, 'agent', ?2, ?3, ?4, ?5)
+                 ON CONFLICT(username) DO NOTHING",
+                params![k.agent_id, c.salt, c.hash, to_i64(now), c.mosquitto_hash],
+            )? > 0
+        }
+        None => false,
+    };
+    tx.execute(
+        "INSERT INTO agents (id, tags, online, first_seen_ms, last_seen_ms, status_changed_ms)
+         VALUES (?1, ?2, 0, ?3, 0, ?3)
+         ON CONFLICT(id) DO UPDATE SET tags = ?2",
+        params![k.agent_id, serde_json::to_string(tags)?, to_i64(now)],
+    )?;
+    let event = put_keys_in(&tx, events, k, tags, now)?;
     tx.commit()?;
-    Ok(event)
+    Ok(Enrolled::Done { event, credential })
 }
 
 /// An agent's enrolled keys.

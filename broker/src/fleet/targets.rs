@@ -1,4 +1,6 @@
-//! Which agents a job's targets name: `all`, `tag:KEY=VALUE`, or `id,id,...`.
+//! Which agents a job's targets name: `all`, `tag:KEY=VALUE`, or `id,id,...`. Tags are
+//! the server's (from activations and operators); an agent's labels, what it says of
+//! itself, never decide what it is sent.
 
 use super::types::Agent;
 
@@ -70,6 +72,7 @@ mod tests {
             arch: String::new(),
             agent_version: String::new(),
             tags: [("env".to_string(), env.to_string())].into(),
+            labels: [("env".to_string(), "prod".to_string())].into(),
             online: true,
             first_seen_ms: 0,
             last_seen_ms: 0,

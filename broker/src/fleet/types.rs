@@ -19,8 +19,13 @@ pub struct Agent {
     pub arch: String,
     /// Agent version.
     pub agent_version: String,
-    /// Tags.
+    /// Tags: the server's, from the activation it enrolled with and from operators
+    /// (`drover agents tag`). Jobs target by these.
     pub tags: BTreeMap<String, String>,
+    /// Labels: what the agent says of itself (its config's `[tags]`). Shown, never
+    /// targeted by.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     /// Connected now.
     pub online: bool,
     /// First seen, Unix ms.
@@ -44,8 +49,9 @@ pub struct AgentEvent {
     pub at_ms: u64,
     /// The agent.
     pub agent_id: String,
-    /// Category: `forged`, `deregistered`, `unenrolled`, `bad-message`,
-    /// `refused-envelope`, `unmatched-result`, ...
+    /// Category: `forged`, `replayed`, `deregistered`, `unenrolled`, `bad-message`,
+    /// `refused-envelope`, `unmatched-result`, `refused-fetch`, `rate-limited`, `dropped`
+    /// (events not recorded or deleted, and how many), ...
     pub kind: String,
     /// What happened.
     pub message: String,
@@ -59,6 +65,31 @@ pub struct AgentEventQuery {
     pub agent: Option<String>,
     /// At most this many (default 100).
     pub limit: Option<u32>,
+}
+
+/// A change of an agent's tags: `remove` first, then `set`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TagChange {
+    /// Tags to set (added, or replacing the value of the same key).
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Keys to remove.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+impl TagChange {
+    /// Why the change cannot be made, if it cannot.
+    pub fn check(&self) -> Result<(), String> {
+        for (k, v) in &self.set {
+            if k.is_empty() || k.contains('=') || k.len() > 128 || v.len() > 256 {
+                return Err(format!(
+                    "tag {k:?}={v:?}: a key is 1 to 128 bytes without '=', a value at most 256"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A new broker credential.

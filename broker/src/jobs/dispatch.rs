@@ -30,6 +30,12 @@ impl Jobs {
         Ok((attempt, expires + timeout + RESULT_GRACE_MS))
     }
 
+    /// Whether `agent` may fetch the plugin blob `sha256`: only if a job whose plugin it
+    /// is was sent to it and its target there is not final yet.
+    pub async fn delivered_blob(&self, agent: &str, sha256: &str) -> anyhow::Result<bool> {
+        store::delivered_blob(self.db(), agent, sha256).await
+    }
+
     /// Signs the envelopes (of one job), records their targets as sent in one store
     /// write, then publishes them. Returns the targets that could not be sent, and why.
     pub(super) async fn send_envelopes(

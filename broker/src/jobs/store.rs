@@ -464,6 +464,19 @@ pub async fn finish_rollout(db: &Db, job_id: &str, now: u64) -> anyhow::Result<(
     Ok(())
 }
 
+/// Whether `agent_id` has a target that was sent to it and is not final yet, of a job
+/// whose plugin is the blob `sha256`: the only blobs it has a reason to fetch.
+pub async fn delivered_blob(db: &Db, agent_id: &str, sha256: &str) -> anyhow::Result<bool> {
+    // The state terms match the `job_targets_open` index's.
+    Ok(db.conn().await.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM job_targets t JOIN jobs j ON j.id = t.job_id \
+         JOIN plugins p ON p.name = j.plugin AND p.version = j.version \
+         WHERE t.agent_id = ?1 AND t.result IS NULL AND t.state IN ('pending', 'delivered', 'in_progress') \
+         AND t.state != 'pending' AND p.sha256 = ?2)",
+    )?
+    .query_row(params![agent_id, sha256], |r| r.get(0))?)
+}
+
 /// Jobs in which this agent's target is not final yet.
 pub async fn open_targets_of(db: &Db, agent_id: &str) -> anyhow::Result<Vec<String>> {
     let conn = db.conn().await;

@@ -284,9 +284,13 @@ async fn a_plain_job_goes_to_every_target_at_once_and_a_returning_agent_gets_wha
         keyset_version: 1,
         sent_at_ms: clock.now_ms(),
     };
-    let event = crate::fleet::store::record_hello(&e.db, &e.events, &hello, clock.now_ms())
-        .await
-        .unwrap();
+    let crate::fleet::store::Fresh::Taken(event) =
+        crate::fleet::store::record_hello(&e.db, &e.events, &hello, clock.now_ms())
+            .await
+            .unwrap()
+    else {
+        panic!("a fresh hello was refused");
+    };
     e.events.committed(event);
     assert!(e.events.wait_handled(event, Duration::from_secs(5)).await);
     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -91,7 +91,9 @@ pub struct BrokerConfig {
     /// The largest MQTT packet accepted, in bytes (at least 1024).
     pub max_packet_size: usize,
     /// The most clients connected at once (at least 1), from any one address too: a
-    /// fleet behind one NAT is one address.
+    /// fleet behind one NAT is one address. Also the most sockets the listeners hold,
+    /// counting those that have not sent CONNECT yet (each for at most 10 s): the
+    /// broker's budget of descriptors.
     pub max_connections: usize,
 }
 
@@ -194,6 +196,7 @@ impl EmbeddedBroker {
             resource_monitor: broker.resource_monitor(),
             stop: watch::channel(false).0,
             client_shutdown: broadcast::channel(1).0,
+            sockets: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
         });
         let storage = broker.storage().map(|s| Arc::downgrade(&s));
         let shutdown = broker.shutdown_handle();

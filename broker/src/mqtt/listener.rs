@@ -7,7 +7,9 @@
 //!   10 s, and mqtt5 cannot abort it, so it holds shutdown up (and keeps the storage,
 //!   with the data directory's lock, alive after it).
 //!
-//! So we accept connections ourselves, plain and TLS alike: each accepted socket gets
+//! So we accept connections ourselves, plain and TLS alike: each accepted socket holds
+//! one of `max_connections` permits for its whole life (mqtt5 counts a connection only
+//! once it has sent CONNECT, so idle sockets would otherwise be unbounded), gets
 //! TCP_NODELAY and its own task (in a `JoinSet` we can abort), TLS handshakes are bounded
 //! by a timeout, and the (decrypted) stream is handed to mqtt5's public `ClientHandler`,
 //! the same handler mqtt5's own listeners use, sharing the broker's router, storage, ACL,
@@ -31,7 +33,7 @@ use mqtt5::broker::transport::BrokerTransport;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, broadcast, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
@@ -50,6 +52,8 @@ pub(super) struct Shared {
     /// a DISCONNECT and ends). Must stay open while handlers run: mqtt5 reads a closed
     /// channel as "shut down".
     pub client_shutdown: broadcast::Sender<()>,
+    /// One permit per socket held, on every listener: the broker's descriptor budget.
+    pub sockets: Arc<Semaphore>,
 }
 
 impl Shared {
@@ -168,6 +172,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 async fn accept_loop(listener: TcpListener, security: Security, shared: Arc<Shared>) {
     let mut stop = shared.stop.subscribe();
     let mut conns = JoinSet::new();
+    let mut refused = 0u64;
     loop {
         tokio::select! {
             biased;
@@ -175,6 +180,17 @@ async fn accept_loop(listener: TcpListener, security: Security, shared: Arc<Shar
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((sock, peer)) => {
+                    let permit = match Arc::clone(&shared.sockets).try_acquire_owned() {
+                        Ok(p) => p,
+                        Err(TryAcquireError::NoPermits) => {
+                            refused += 1;
+                            if refused.is_power_of_two() {
+                                tracing::warn!(%peer, refused_total = refused, "MQTT connection refused: every socket of the broker's budget is in use");
+                            }
+                            continue;
+                        }
+                        Err(TryAcquireError::Closed) => break,
+                    };
                     if let Err(e) = sock.set_nodelay(true) {
                         tracing::debug!(%peer, "setting TCP_NODELAY: {e}");
                     }
@@ -182,7 +198,7 @@ async fn accept_loop(listener: TcpListener, security: Security, shared: Arc<Shar
                         tracing::warn!(%peer, "MQTT connection refused: resource limits reached");
                         continue;
                     }
-                    conns.spawn(serve(sock, peer, security.clone(), Arc::clone(&shared)));
+                    conns.spawn(serve(sock, peer, security.clone(), Arc::clone(&shared), permit));
                 }
                 Err(e) => {
                     // Typically out of file descriptors: back off instead of spinning.
@@ -196,7 +212,13 @@ async fn accept_loop(listener: TcpListener, security: Security, shared: Arc<Shar
     while conns.join_next().await.is_some() {}
 }
 
-async fn serve(sock: TcpStream, peer: SocketAddr, security: Security, shared: Arc<Shared>) {
+async fn serve(
+    sock: TcpStream,
+    peer: SocketAddr,
+    security: Security,
+    shared: Arc<Shared>,
+    _permit: OwnedSemaphorePermit,
+) {
     let transport = match security {
         Security::Plain => BrokerTransport::tcp(sock),
         Security::Tls {

@@ -1,7 +1,7 @@
 //! The plugin catalogue: signed manifests and their components, published by operators
 //! and fetched by agents in chunks.
 //!
-//! - [`chunks`]: serving a component to an agent over MQTT.
+//! - [`chunks`]: serving a component to an agent over MQTT, within bounds.
 //! - [`store`], [`types`], [`routes`], [`cli`]: its tables, API types, routes and
 //!   `drover plugin` group.
 
@@ -29,6 +29,7 @@ struct Shared {
     link: Link,
     audit: Audit,
     clock: Clock,
+    fetches: chunks::Fetches,
 }
 
 /// The catalogue's handle; clones share it.
@@ -72,6 +73,7 @@ impl Plugins {
                 link,
                 audit,
                 clock,
+                fetches: chunks::Fetches::default(),
             }),
         }
     }

@@ -51,6 +51,10 @@ pub struct ServeArgs {
     /// address too).
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     max_connections: u64,
+    /// The most connections the HTTP API holds at once; at the bound, a new one closes
+    /// the oldest idle one. Both bounds are cut to fit the open-file limit.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    api_max_connections: u64,
 }
 
 /// `drover serve`.
@@ -91,6 +95,7 @@ pub fn run(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<i32> {
         ca_file: a.ca_file,
         advertise_broker: a.advertise_broker,
         max_connections: usize::try_from(a.max_connections).unwrap_or(usize::MAX),
+        api_max_connections: usize::try_from(a.api_max_connections).unwrap_or(usize::MAX),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -31,6 +31,7 @@ use crate::store::{Db, Schema};
 use crate::trust::Trust;
 
 pub mod cli;
+pub mod descriptors;
 
 /// The largest MQTT packet the control plane and embedded broker accept: a result with
 /// full output and capped streams fits.
@@ -69,7 +70,12 @@ pub struct ServeConfig {
     pub advertise_broker: Option<String>,
     /// The most clients the embedded broker lets connect at once.
     pub max_connections: usize,
+    /// The most connections the HTTP API holds at once.
+    pub api_max_connections: usize,
 }
+
+/// How long an API client has to send a request's headers.
+const API_HEADER_READ: Duration = Duration::from_secs(10);
 
 /// Opens the database in `data` and brings every capability's tables up to date.
 pub async fn open_db(data: &DataDir) -> anyhow::Result<Db> {
@@ -99,6 +105,21 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
     let db = open_db(data).await?;
     let token = data.ensure_api_token()?;
     let clock = Clock::system();
+    let nofile = descriptors::raise_nofile();
+    let budget = descriptors::budget(nofile, config.api_max_connections, config.max_connections);
+    tracing::info!(
+        open_files = nofile,
+        api_connections = budget.api,
+        broker_connections = budget.broker,
+        "descriptor budgets"
+    );
+    if config.external_broker.is_none() && budget.broker < config.max_connections {
+        tracing::warn!(
+            asked = config.max_connections,
+            allowed = budget.broker,
+            "the embedded broker takes fewer connections than --max-connections: raise the open-file limit (ulimit -n) for more"
+        );
+    }
 
     // The broker: embedded, or external.
     let control_password = new_password();
@@ -116,7 +137,7 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
                     // deleted) a file per unacknowledged message.
                     data_dir: None,
                     max_packet_size: MAX_PACKET,
-                    max_connections: config.max_connections,
+                    max_connections: budget.broker,
                 },
                 auth,
             )
@@ -207,12 +228,16 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> anyhow::
         .with_context(|| format!("binding the API to {}", config.api_listen))?;
     let api_addr = listener.local_addr()?;
     let (app, _) = crate::api::router(token, &capabilities);
-    let api_shutdown = shutdown.clone();
-    let api_task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { api_shutdown.cancelled().await })
-            .await
-    });
+    let limits = crate::api::listener::Limits {
+        max_connections: budget.api,
+        header_read: API_HEADER_READ,
+    };
+    let api_task = tokio::spawn(crate::api::listener::serve(
+        listener,
+        app,
+        limits,
+        shutdown.clone(),
+    ));
 
     let info = ServerInfo {
         api: format!("http://{api_addr}"),

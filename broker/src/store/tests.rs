@@ -78,7 +78,10 @@ async fn a_database_made_by_the_previous_release_is_migrated_and_keeps_everythin
     let agents = crate::fleet::store::agents(&db).await.unwrap();
     let ids: Vec<&str> = agents.iter().map(|a| a.id.as_str()).collect();
     assert_eq!(ids, ["fix-1", "fix-2"]);
+    // Its tags are its activation's now, and what it said of itself is kept as labels.
     assert_eq!(agents[0].tags["env"], "test");
+    assert_eq!(agents[0].labels["env"], "test");
+    assert!(agents[1].tags.is_empty() && agents[1].labels.is_empty());
     assert!(agents[1].deregistered_ms.is_some());
     assert!(
         crate::fleet::store::signing_key_of(&db, "fix-1")

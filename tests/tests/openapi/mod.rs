@@ -15,6 +15,7 @@ const CALLED: &[(&str, &str)] = &[
     ("get", "/api/v1/agents"),
     ("post", "/api/v1/agents/{id}/credentials"),
     ("post", "/api/v1/agents/{id}/deregister"),
+    ("post", "/api/v1/agents/{id}/tags"),
     ("get", "/api/v1/events"),
     ("get", "/api/v1/keyset"),
     ("post", "/api/v1/keyset"),

@@ -137,6 +137,8 @@ pub struct Server {
     child: Option<Child>,
     pub log: PathBuf,
     args: Vec<String>,
+    /// `RLIMIT_NOFILE` (soft, hard) to start `drover serve` with, through `prlimit`.
+    nofile: Option<(u64, u64)>,
 }
 
 impl Server {
@@ -147,6 +149,12 @@ impl Server {
 
     /// Like [`Server::start`], with extra `drover serve` flags.
     pub fn start_with(extra: &[&str]) -> Server {
+        Server::start_limited(None, extra)
+    }
+
+    /// Like [`Server::start_with`], with the server's `RLIMIT_NOFILE` set to (soft,
+    /// hard) when given, as a system with a low default would start it.
+    pub fn start_limited(nofile: Option<(u64, u64)>, extra: &[&str]) -> Server {
         let dir = TempDir::new("server");
         let data = dir.path().join("data");
         let s = Server {
@@ -155,6 +163,7 @@ impl Server {
             dir,
             child: None,
             args: Vec::new(),
+            nofile,
         };
         let out = s.cli(&["keygen"]);
         assert!(out.status.success(), "keygen failed: {}", text(&out.stderr));
@@ -183,6 +192,7 @@ impl Server {
                 child: None,
                 log: PathBuf::new(),
                 args: Vec::new(),
+                nofile: None,
             },
         );
         let extra: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -208,7 +218,15 @@ impl Server {
             }
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let child = Command::new(bin("drover"))
+        let mut command = match self.nofile {
+            Some((soft, hard)) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={soft}:{hard}")).arg(bin("drover"));
+                c
+            }
+            None => Command::new(bin("drover")),
+        };
+        let child = command
             .args(&args)
             .env("DROVER_LOG", "info")
             .stdin(Stdio::null())

@@ -1,4 +1,4 @@
-//! `drover agents list|add|events|deregister`.
+//! `drover agents list|add|tag|events|deregister`.
 
 use std::path::PathBuf;
 
@@ -8,16 +8,18 @@ use crate::cli::args::parse_tag;
 use crate::cli::context::{Ctx, Output};
 use crate::cli::print::{ago, print_json, print_table};
 use crate::fleet::types::{
-    ActivationCreated, ActivationRequest, Agent, AgentEvent, Credentials, Deregistered,
+    ActivationCreated, ActivationRequest, Agent, AgentEvent, Credentials, Deregistered, TagChange,
 };
 
 /// Agent commands.
 #[derive(Debug, clap::Subcommand)]
 pub enum AgentsCommand {
-    /// List agents with their status and when each was last seen.
+    /// List agents with their status, tags, labels and when each was last seen.
     List,
     /// Add an agent: mint its broker credential and write a config file for drover-agent.
     Add(AddArgs),
+    /// Set or remove an agent's tags, which jobs target by (`--targets tag:KEY=VALUE`).
+    Tag(TagArgs),
     /// Show what agents reported outside of job results: refusals, bad messages.
     Events(EventsArgs),
     /// Deregister an agent: its broker credential stops working at once, and the embedded
@@ -30,6 +32,19 @@ pub enum AgentsCommand {
 pub struct DeregisterArgs {
     /// The agent's id.
     id: String,
+}
+
+/// Flags of `drover agents tag`.
+#[derive(Debug, clap::Args)]
+pub struct TagArgs {
+    /// The agent's id.
+    id: String,
+    /// Tags to set, KEY=VALUE.
+    #[arg(value_parser = parse_tag)]
+    tags: Vec<(String, String)>,
+    /// A tag to remove, by key; repeatable.
+    #[arg(long = "remove", value_name = "KEY")]
+    remove: Vec<String>,
 }
 
 /// Flags of `drover agents add`.
@@ -46,7 +61,8 @@ pub struct AddArgs {
     /// The agent's data directory, written into the config.
     #[arg(long)]
     agent_data_dir: Option<PathBuf>,
-    /// A tag KEY=VALUE; repeatable.
+    /// A tag KEY=VALUE, which jobs target by; repeatable. It goes into the agent's
+    /// activation, so the server sets it when the agent enrolls.
     #[arg(long = "tag", value_parser = parse_tag)]
     tags: Vec<(String, String)>,
     /// Directories plugins may be granted read-only (policy); repeatable.
@@ -83,6 +99,7 @@ pub fn run(ctx: &Ctx, cmd: AgentsCommand) -> anyhow::Result<i32> {
     match cmd {
         AgentsCommand::List => list(ctx),
         AgentsCommand::Add(a) => add(ctx, a),
+        AgentsCommand::Tag(a) => tag(ctx, a),
         AgentsCommand::Events(a) => events(ctx, a),
         AgentsCommand::Deregister(a) => deregister(ctx, a),
     }
@@ -114,6 +131,33 @@ fn deregister(ctx: &Ctx, a: DeregisterArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+fn pairs(tags: &std::collections::BTreeMap<String, String>) -> String {
+    tags.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn tag(ctx: &Ctx, a: TagArgs) -> anyhow::Result<i32> {
+    if a.tags.is_empty() && a.remove.is_empty() {
+        anyhow::bail!("give tags to set (KEY=VALUE) or to remove (--remove KEY)");
+    }
+    let change = TagChange {
+        set: a.tags.into_iter().collect(),
+        remove: a.remove,
+    };
+    let agent: Agent = ctx.client()?.post(
+        "tag agent",
+        &format!("/api/v1/agents/{}/tags", a.id),
+        &change,
+    )?;
+    match ctx.output {
+        Output::Json => print_json(&agent)?,
+        Output::Text => println!("agent {} tags: {}", agent.id, pairs(&agent.tags)),
+    }
+    Ok(0)
+}
+
 fn list(ctx: &Ctx) -> anyhow::Result<i32> {
     let agents: Vec<Agent> = ctx.client()?.get("list agents", "/api/v1/agents")?;
     if ctx.output == Output::Json {
@@ -135,11 +179,8 @@ fn list(ctx: &Ctx) -> anyhow::Result<i32> {
                 a.os_version.clone(),
                 a.arch.clone(),
                 a.agent_version.clone(),
-                a.tags
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(","),
+                pairs(&a.tags),
+                pairs(&a.labels),
                 ago(a.last_seen_ms),
             ]
         })
@@ -153,6 +194,7 @@ fn list(ctx: &Ctx) -> anyhow::Result<i32> {
             "ARCH",
             "VERSION",
             "TAGS",
+            "LABELS",
             "LAST SEEN",
         ],
         &rows,
@@ -230,6 +272,7 @@ fn add(ctx: &Ctx, a: AddArgs) -> anyhow::Result<i32> {
         toml_str(&activation.activation.id)
     ));
     text.push_str(&format!("code = {}\n", toml_str(&activation.code)));
+    // Labels the agent reports of itself: shown beside its tags, never targeted by.
     text.push_str("\n[tags]\n");
     for (k, v) in &a.tags {
         text.push_str(&format!("{} = {}\n", toml_str(k), toml_str(v)));
