@@ -92,68 +92,7 @@ pub fn failure(e: types::PluginError) -> Failure {
     }
 }
 
-fn collect_request(r: inventory::CollectRequest) -> wit_inventory::CollectRequest {
-    let inventory::CollectRequest { packages, extra } = r;
-    wit_inventory::CollectRequest { packages, extra }
-}
-
-fn from_inventory(i: wit_inventory::Inventory) -> inventory::Inventory {
-    let wit_inventory::Inventory {
-        os,
-        packages,
-        custom,
-        warnings,
-    } = i;
-    let wit_inventory::OsInfo {
-        family,
-        name,
-        version,
-        kernel_version,
-        architecture,
-        hostname,
-    } = os;
-    inventory::Inventory {
-        os: inventory::OsInfo {
-            family,
-            name,
-            version,
-            kernel_version,
-            architecture,
-            hostname,
-        },
-        packages: packages
-            .into_iter()
-            .map(|p| {
-                let wit_inventory::InstalledPackage {
-                    name,
-                    version,
-                    architecture,
-                    source,
-                } = p;
-                inventory::InstalledPackage {
-                    name,
-                    version,
-                    architecture,
-                    source,
-                }
-            })
-            .collect(),
-        custom: custom
-            .into_iter()
-            .map(|c| {
-                let wit_inventory::CustomItem {
-                    type_name,
-                    attributes,
-                } = c;
-                inventory::CustomItem {
-                    type_name,
-                    attributes,
-                }
-            })
-            .collect(),
-        warnings,
-    }
-}
+super::worlds::inventory_conversions!(wit_inventory);
 
 #[cfg(test)]
 mod tests {

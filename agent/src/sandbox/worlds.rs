@@ -157,68 +157,79 @@ pub fn failure(e: types::PluginError) -> Failure {
     }
 }
 
-fn collect_request(r: inventory::CollectRequest) -> wit_inventory::CollectRequest {
-    let inventory::CollectRequest { packages, extra } = r;
-    wit_inventory::CollectRequest { packages, extra }
-}
+/// The conversions between a contract version's `inventory` records (`$wit`, a module in
+/// scope) and `drover_protocol::worlds::inventory`: `collect_request` and `from_inventory`.
+/// The records are the same at 0.1.0 and 0.2.0 but are distinct generated types, so both
+/// versions expand this one text rather than keep a copy each.
+macro_rules! inventory_conversions {
+    ($wit:ident) => {
+        fn collect_request(r: inventory::CollectRequest) -> $wit::CollectRequest {
+            let inventory::CollectRequest { packages, extra } = r;
+            $wit::CollectRequest { packages, extra }
+        }
 
-fn from_inventory(i: wit_inventory::Inventory) -> inventory::Inventory {
-    let wit_inventory::Inventory {
-        os,
-        packages,
-        custom,
-        warnings,
-    } = i;
-    let wit_inventory::OsInfo {
-        family,
-        name,
-        version,
-        kernel_version,
-        architecture,
-        hostname,
-    } = os;
-    inventory::Inventory {
-        os: inventory::OsInfo {
-            family,
-            name,
-            version,
-            kernel_version,
-            architecture,
-            hostname,
-        },
-        packages: packages
-            .into_iter()
-            .map(|p| {
-                let wit_inventory::InstalledPackage {
+        fn from_inventory(i: $wit::Inventory) -> inventory::Inventory {
+            let $wit::Inventory {
+                os,
+                packages,
+                custom,
+                warnings,
+            } = i;
+            let $wit::OsInfo {
+                family,
+                name,
+                version,
+                kernel_version,
+                architecture,
+                hostname,
+            } = os;
+            inventory::Inventory {
+                os: inventory::OsInfo {
+                    family,
                     name,
                     version,
+                    kernel_version,
                     architecture,
-                    source,
-                } = p;
-                inventory::InstalledPackage {
-                    name,
-                    version,
-                    architecture,
-                    source,
-                }
-            })
-            .collect(),
-        custom: custom
-            .into_iter()
-            .map(|c| {
-                let wit_inventory::CustomItem {
-                    type_name,
-                    attributes,
-                } = c;
-                inventory::CustomItem {
-                    type_name,
-                    attributes,
-                }
-            })
-            .collect(),
-        warnings,
-    }
+                    hostname,
+                },
+                packages: packages
+                    .into_iter()
+                    .map(|p| {
+                        let $wit::InstalledPackage {
+                            name,
+                            version,
+                            architecture,
+                            source,
+                        } = p;
+                        inventory::InstalledPackage {
+                            name,
+                            version,
+                            architecture,
+                            source,
+                        }
+                    })
+                    .collect(),
+                custom: custom
+                    .into_iter()
+                    .map(|c| {
+                        let $wit::CustomItem {
+                            type_name,
+                            attributes,
+                        } = c;
+                        inventory::CustomItem {
+                            type_name,
+                            attributes,
+                        }
+                    })
+                    .collect(),
+                warnings,
+            }
+        }
+    };
 }
+pub(super) use inventory_conversions;
+
+inventory_conversions!(wit_inventory);
 
 fn command_request(r: command::CommandRequest) -> wit_command::Request {
     let command::CommandRequest {
